@@ -1,0 +1,9 @@
+"""diffusion-xai: explain and edit Stable Diffusion, proven against ground truth (ShapesWorld)."""
+
+from .heatmaps import HeatmapResult
+from .hooks import ActivationPatcher, ActivationRecorder, AttentionEditor, AttentionRecorder, HookManager
+from .pipeline import PromptEmbeddings, XAIPipeline
+
+__version__ = "0.1.0"
+__all__ = ["ActivationPatcher", "ActivationRecorder", "AttentionEditor", "AttentionRecorder", "HeatmapResult",
+           "HookManager", "PromptEmbeddings", "XAIPipeline"]

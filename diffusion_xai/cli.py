@@ -1,0 +1,92 @@
+"""Command line: ``diffusion-xai SUBCOMMAND ...`` (run ``diffusion-xai -h``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_model(spec: str, device: str | None = None):
+    """``shapesworld`` (the embedded model, default), ``tiny-random`` (a tiny random SD, for smoke
+    runs) or a local folder / hub id of a diffusers pipeline."""
+    from .pipeline import XAIPipeline
+
+    if spec == "shapesworld":
+        return XAIPipeline.shapesworld(device=device)
+    if spec == "tiny-random":
+        from .testing import tiny_pipeline
+
+        print("note: using a tiny RANDOM model: its maps mean nothing (for smoke tests only)", file=sys.stderr)
+        return XAIPipeline(tiny_pipeline("sd1"), default_steps=4)
+    return XAIPipeline.from_pretrained(spec, device=device)
+
+
+def _words(arg: str | None) -> list[str] | None:
+    return [w.strip() for w in arg.split(",") if w.strip()] if arg else None
+
+
+def cmd_heatmap(a) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    xp = load_model(a.model, a.device)
+    words = _words(a.words)
+    res = xp.heatmaps(a.prompt, seed=a.seed, num_inference_steps=a.steps, guidance_scale=a.guidance,
+                      height=a.height, width=a.width, num_images_per_prompt=a.images_per_prompt, words=words)
+    out = Path(a.out)
+    res.save(out / "result")
+    files = []
+    for i in range(len(res.images)):
+        ws = words or [w for w in dict.fromkeys(res.words[i]) if w.isalnum()]
+        res.images[i].save(out / f"image_{i}.png")
+        for w in ws:
+            p = out / f"image_{i}_{w}.png"
+            res.overlay(w, i).resize(res.images[i].size).save(p)
+            files.append(str(p))
+        fig = res.plot(i, ws)
+        fig.savefig(out / f"heatmaps_{i}.png", dpi=120)
+        files.append(str(out / f"heatmaps_{i}.png"))
+    summary = {**res.to_dict(), "files": files, "model": a.model}
+    summary.pop("tokens", None)
+    (out / "heatmaps.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {len(files)} images and {out / 'heatmaps.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffusion-xai", description="Explain and edit Stable Diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", default="shapesworld",
+                        help="'shapesworld' (embedded, default), 'tiny-random', or a diffusers folder / hub id")
+        sp.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--out", default="out", help="output folder")
+
+    h = sub.add_parser("heatmap", help="token heatmaps (DAAM) of a generated image")
+    h.add_argument("prompt")
+    h.add_argument("--words", help="comma-separated words to map (default: every content word)")
+    h.add_argument("--steps", type=int, default=None)
+    h.add_argument("--guidance", type=float, default=None)
+    h.add_argument("--height", type=int, default=None)
+    h.add_argument("--width", type=int, default=None)
+    h.add_argument("--images-per-prompt", type=int, default=1)
+    common(h)
+    h.set_defaults(func=cmd_heatmap)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

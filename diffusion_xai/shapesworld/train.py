@@ -1,0 +1,297 @@
+"""Train the embedded ShapesWorld Stable Diffusion from scratch.
+
+    python -m diffusion_xai.shapesworld.train --work runs/shapesworld [--vae-steps N] [--unet-steps N]
+
+Stages (each resumable from its checkpoint in ``--work``):
+1. ``vae``: an AutoencoderKL (64x64x3 -> 8x8x4) with a foreground-weighted MSE loss (the black
+   background would otherwise dominate and colours collapse), checked by the oracle.
+2. ``latents``: encode a fixed, seeded set of scenes once (posterior mean x scaling factor).
+3. ``unet``: UNet and CLIP text encoder trained jointly on the epsilon objective with caption
+   dropout (for classifier-free guidance) and an EMA of the weights.
+4. ``export``: a diffusers ``StableDiffusionPipeline`` saved as safetensors (default:
+   into the package, where :func:`load_shapesworld_pipeline` finds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .scene import IMAGE_SIZE, sample_scene
+from .vocab import write_tokenizer_files
+
+PACKAGE_MODEL_DIR = Path(__file__).parent / "model"
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[16, 32, 64, 64], layers_per_block=1, latent_channels=4,
+    norm_num_groups=16, sample_size=IMAGE_SIZE,
+)
+UNET_CONFIG = dict(
+    sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[48, 96, 128], layers_per_block=1, cross_attention_dim=64,
+    attention_head_dim=4, norm_num_groups=16,
+)
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=77, projection_dim=64, hidden_act="quick_gelu",
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+TINY = dict(  # for tests of this script
+    vae=dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=4),
+    unet=dict(block_out_channels=[16, 16, 16], norm_num_groups=8, attention_head_dim=2),
+    text=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16),
+)
+
+
+def scene_batch(seeds) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] (B, 3, 64, 64) and captions for the given scene seeds."""
+    scenes = [sample_scene(int(s)) for s in seeds]
+    img = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(img).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes]
+
+
+def _models(tiny: bool, tokenizer_dir: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    vae_cfg, unet_cfg, text_cfg = dict(VAE_CONFIG), dict(UNET_CONFIG), dict(TEXT_CONFIG)
+    if tiny:
+        vae_cfg.update(TINY["vae"])
+        unet_cfg.update(TINY["unet"])
+        text_cfg.update(TINY["text"])
+        unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
+    text_cfg.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**vae_cfg)
+    unet = UNet2DConditionModel(**unet_cfg)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    return tok, vae, unet, text
+
+
+def _save_ckpt(path: Path, modules: dict, opt: torch.optim.Optimizer, step: int, extra: dict | None = None):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, m in modules.items():
+        save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, str(path / f"{name}.safetensors"))
+    torch.save(opt.state_dict(), path / "optimizer.pt")
+    (path / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+
+
+def _load_ckpt(path: Path, modules: dict, opt: torch.optim.Optimizer) -> dict:
+    for name, m in modules.items():
+        m.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def train_vae(vae, work: Path, steps: int, batch: int = 16, lr: float = 1e-3, fg_weight: float = 8.0,
+              kl_weight: float = 1e-6, log_every: int = 100, ckpt_every: int = 500) -> list[float]:
+    """Foreground-weighted MSE + tiny KL; returns the loss history of this call."""
+    ckpt = work / "vae_ckpt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start = _load_ckpt(ckpt, {"vae": vae}, opt)["step"] if (ckpt / "state.json").exists() else 0
+    rng = np.random.default_rng(1234 + start)
+    losses = []
+    vae.train()
+    bar = tqdm(range(start, steps), desc="vae", initial=start, total=steps)
+    for step in bar:
+        for g in opt.param_groups:  # cosine decay
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+        x, _ = scene_batch(rng.integers(10**8, 2 * 10**8, batch))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        fg = (x.abs().sum(1, keepdim=True) < 2.99).float()  # background is (-1, -1, -1)
+        w = 1.0 + (fg_weight - 1.0) * fg
+        loss = (w * (rec - x) ** 2).mean() + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            _save_ckpt(ckpt, {"vae": vae}, opt, step + 1)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def vae_oracle_agreement(vae, n: int = 200, seed0: int = 3 * 10**8) -> float:
+    """Share of scenes whose VAE reconstruction the oracle judges exactly like the original."""
+    from .oracle import judge, same_objects
+
+    agree = 0
+    for i in range(0, n, 50):
+        seeds = list(range(seed0 + i, seed0 + min(n, i + 50)))
+        x, _ = scene_batch(seeds)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for s, im in zip(seeds, imgs):
+            agree += same_objects(judge(im), sample_scene(s).objects)
+    return agree / n
+
+
+@torch.no_grad()
+def encode_latents(vae, work: Path, num: int, batch: int = 256) -> None:
+    """Encode ``num`` seeded scenes once; stores latents (unscaled posterior means) and captions."""
+    path = work / "latents.safetensors"
+    if path.exists() and load_file(str(path))["latents"].shape[0] == num:
+        return
+    lat, caps = [], []
+    for i in tqdm(range(0, num, batch), desc="latents"):
+        x, c = scene_batch(range(i, min(num, i + batch)))
+        lat.append(vae.encode(x).latent_dist.mean)
+        caps += c
+    lat = torch.cat(lat)
+    save_file({"latents": lat.contiguous()}, str(path))
+    (work / "captions.json").write_text(json.dumps(caps))
+
+
+def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: int = 64, lr: float = 3e-4,
+               cond_drop: float = 0.1, ema_decay: float = 0.999, log_every: int = 100,
+               ckpt_every: int = 1000, time_limit_s: float | None = None) -> list[float]:
+    """Epsilon-prediction training of UNet + text encoder on the cached latents."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    latents = load_file(str(work / "latents.safetensors"))["latents"] * scaling
+    captions = json.loads((work / "captions.json").read_text())
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    ema = {"unet": {k: v.detach().clone() for k, v in unet.state_dict().items()},
+           "text": {k: v.detach().clone() for k, v in text.state_dict().items()}}
+    ckpt = work / "unet_ckpt"
+    start = 0
+    if (ckpt / "state.json").exists():
+        start = _load_ckpt(ckpt, {"unet": unet, "text": text}, opt)["step"]
+        ema = {"unet": load_file(str(ckpt / "ema_unet.safetensors")), "text": load_file(str(ckpt / "ema_text.safetensors"))}
+    ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    abar = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(5678 + start)
+    unet.train()
+    text.train()
+    losses = []
+    t0 = time.time()
+    bar = tqdm(range(start, steps), desc="unet", initial=start, total=steps)
+    for step in bar:
+        warm = min(1.0, (step + 1) / 500)
+        for grp in opt.param_groups:
+            grp["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        idx = torch.randint(0, latents.shape[0], (batch,), generator=g)
+        x0 = latents[idx]
+        ids = ids_all[idx].clone()
+        drop = torch.rand(batch, generator=g) < cond_drop
+        ids[drop] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        emb = text(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            for name, m in (("unet", unet), ("text", text)):
+                for k, v in m.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[name][k].mul_(d).add_(v.detach(), alpha=1 - d)
+                    else:
+                        ema[name][k].copy_(v)
+        losses.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
+        out_of_time = time_limit_s is not None and time.time() - t0 > time_limit_s
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps or out_of_time:
+            _save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1)
+            save_file(ema["unet"], str(ckpt / "ema_unet.safetensors"))
+            save_file(ema["text"], str(ckpt / "ema_text.safetensors"))
+        if out_of_time:
+            break
+    unet.eval()
+    text.eval()
+    return losses
+
+
+def export(work: Path, out: Path, tiny: bool = False, use_ema: bool = True) -> Path:
+    """Assemble the trained parts into a StableDiffusionPipeline folder (safetensors)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tok, vae, unet, text = _models(tiny, work / "tokenizer")
+    vae.load_state_dict(load_file(str(work / "vae_ckpt" / "vae.safetensors")))
+    state = json.loads((work / "state.json").read_text())
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    prefix = "ema_" if use_ema else ""
+    unet.load_state_dict(load_file(str(work / "unet_ckpt" / f"{prefix}unet.safetensors")))
+    text.load_state_dict(load_file(str(work / "unet_ckpt" / f"{prefix}text.safetensors")))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "training.json").write_text(json.dumps(state, indent=2))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/shapesworld"), help="checkpoints and caches")
+    p.add_argument("--out", type=Path, default=PACKAGE_MODEL_DIR, help="where the pipeline is exported")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=11000)
+    p.add_argument("--num-latents", type=int, default=60000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--time-limit-min", type=float, default=None, help="stop the UNet stage (checkpointed) after this")
+    p.add_argument("--tiny", action="store_true", help="a tiny configuration (for tests)")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.work.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_files(a.work / "tokenizer")
+    tok, vae, unet, text = _models(a.tiny, a.work / "tokenizer")
+    state_path = a.work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    t0 = time.time()
+    train_vae(vae, a.work, a.vae_steps)
+    if "vae_agreement" not in state or state.get("vae_steps") != a.vae_steps:
+        state["vae_agreement"] = vae_oracle_agreement(vae, n=100 if a.tiny else 400)
+        state["vae_steps"] = a.vae_steps
+        state["vae_seconds"] = time.time() - t0
+        print(f"VAE reconstructions judged like the originals by the oracle: {state['vae_agreement']:.3f}")
+    encode_latents(vae, a.work, a.num_latents)
+    lat = load_file(str(a.work / "latents.safetensors"))["latents"]
+    state["scaling_factor"] = float(1.0 / lat.std())
+    state_path.write_text(json.dumps(state, indent=2))
+    t1 = time.time()
+    train_unet(unet, text, tok, a.work, a.unet_steps, state["scaling_factor"], batch=a.batch,
+               time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None)
+    state["unet_seconds"] = state.get("unet_seconds", 0.0) + time.time() - t1
+    state["unet_steps_done"] = json.loads((a.work / "unet_ckpt" / "state.json").read_text())["step"]
+    state_path.write_text(json.dumps(state, indent=2))
+    export(a.work, a.out, tiny=a.tiny)
+    print(f"exported to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

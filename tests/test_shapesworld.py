@@ -1,0 +1,136 @@
+"""ShapesWorld: deterministic scenes, exact masks, word maps, biases, oracle, training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_xai.shapesworld import scene as sw
+from diffusion_xai.shapesworld.oracle import degrade, judge, same_objects
+
+
+def test_scene_is_deterministic_per_seed():
+    a, b = sw.sample_scene(123), sw.sample_scene(123)
+    assert a.caption == b.caption
+    assert np.array_equal(a.image, b.image)
+    assert any(sw.sample_scene(s).caption != a.caption for s in range(124, 130))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_masks_match_rendered_pixels_exactly(seed):
+    s = sw.sample_scene(seed)
+    fg = np.zeros(s.image.shape[:2], bool)
+    for o in s.objects:
+        assert o.mask.any()
+        assert (s.image[o.mask] == np.array(sw.COLORS[o.color], np.uint8)).all()
+        assert not (fg & o.mask).any(), "objects must not overlap"
+        fg |= o.mask
+    assert (s.image[~fg] == np.array(sw.BACKGROUND, np.uint8)).all()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_caption_word_has_a_region_or_is_a_function_word(seed):
+    s = sw.sample_scene(seed)
+    assert s.caption.replace(",", "").split() == s.words
+    for word, owner, role in zip(s.words, s.word_objects, s.word_roles):
+        if owner is None:
+            assert role == "function" and word in sw.FUNCTION_WORDS
+            continue
+        obj = s.objects[owner]
+        canon = sw.canonical(word)
+        assert getattr(obj, role) == canon, (word, role, obj.describe())
+
+
+def test_word_mask_and_errors():
+    s = sw.build_scene([("circle", "red", "large", "left", True, True),
+                        ("square", "blue", "small", "right", True, False)], mention_position=True)
+    assert s.caption == "a large red circle on the left and a blue square on the right"
+    assert np.array_equal(s.word_mask("red"), s.objects[0].mask)
+    assert np.array_equal(s.word_mask("right"), s.objects[1].mask)
+    with pytest.raises(ValueError, match="'dog' .* is not in caption"):
+        s.word_mask("dog")
+    with pytest.raises(ValueError, match="function word"):
+        s.word_mask("and")
+
+
+def test_injected_biases_are_what_the_generator_draws():
+    counts = {"red": 0, "n": 0}
+    sizes = {"large": 0, "n": 0}
+    for seed in range(6000):
+        s = sw.sample_scene(seed, num_objects=1)
+        o = s.objects[0]
+        if o.shape == "circle" and "color" not in s.word_roles:
+            counts["n"] += 1
+            counts["red"] += o.color == "red"
+        if o.shape == "square" and "size" not in s.word_roles:
+            sizes["n"] += 1
+            sizes["large"] += o.size == "large"
+    p_red = sw.BIASES[("circle", "color")]["red"]
+    p_large = sw.BIASES[("square", "size")]["large"]
+    for hits, n, p in ((counts["red"], counts["n"], p_red), (sizes["large"], sizes["n"], p_large)):
+        assert n > 150
+        assert abs(hits / n - p) < 4 * np.sqrt(p * (1 - p) / n)
+    assert sw.CONTROL_SHAPE not in {shape for shape, _ in sw.BIASES}
+    assert sw.attribute_distribution("cross", "color") == {c: 1 / 6 for c in sw.COLORS}
+
+
+def test_scene_from_prompt_parses_the_grammar():
+    s = sw.scene_from_prompt("a red circle and a big blue box", seed=3)
+    assert [(o.shape, o.color) for o in s.objects] == [("circle", "red"), ("square", "blue")]
+    assert s.objects[1].size == "large"
+    with pytest.raises(ValueError, match="unknown words"):
+        sw.scene_from_prompt("a red dog")
+
+
+def test_oracle_is_exact_on_clean_renders():
+    n = 300
+    ok = sum(same_objects(judge(s.image), s.objects) for s in map(sw.sample_scene, range(10_000, 10_000 + n)))
+    assert ok / n >= 0.99
+
+
+def test_oracle_on_degraded_renders():
+    rng = np.random.default_rng(0)
+    n = 200
+    ok = sum(same_objects(judge(degrade(s.image, rng)), s.objects)
+             for s in map(sw.sample_scene, range(20_000, 20_000 + n)))
+    assert ok / n >= 0.95
+
+
+def test_oracle_rejects_bad_images():
+    with pytest.raises(ValueError, match="64x64"):
+        judge(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        judge(np.zeros((64, 64, 3), np.float32))
+
+
+def test_tokenizer_has_every_world_word_as_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from diffusion_xai.shapesworld.vocab import write_tokenizer_files
+
+    tok = CLIPTokenizer.from_pretrained(write_tokenizer_files(tmp_path))
+    for w in sw.vocabulary():
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    # words outside the world still tokenise, into pieces
+    assert len(tok("giraffe", add_special_tokens=False).input_ids) > 1
+    assert tok("a red circle", padding="max_length", max_length=77).input_ids.__len__() == 77
+
+
+def test_training_script_reduces_the_loss(tmp_path):
+    from diffusion_xai.shapesworld import train
+
+    torch.manual_seed(0)
+    tok_dir = train.write_tokenizer_files(tmp_path / "tokenizer")
+    tok, vae, unet, text = train._models(True, tok_dir)
+    vae_losses = train.train_vae(vae, tmp_path, steps=60, batch=8, lr=3e-3, log_every=1000, ckpt_every=30)
+    assert np.mean(vae_losses[-10:]) < 0.7 * np.mean(vae_losses[:5])
+    assert json.loads((tmp_path / "vae_ckpt" / "state.json").read_text())["step"] == 60
+    train.encode_latents(vae, tmp_path, num=64, batch=32)
+    losses = train.train_unet(unet, text, tok, tmp_path, steps=80, scaling=1.0, batch=16, lr=2e-3,
+                              log_every=1000, ckpt_every=40)
+    assert np.mean(losses[-15:]) < np.mean(losses[:5])
+    # resumable: a second call continues from the checkpoint and does nothing more
+    assert train.train_unet(unet, text, tok, tmp_path, steps=80, scaling=1.0, batch=16) == []
