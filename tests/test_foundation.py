@@ -289,3 +289,15 @@ def test_hook_manager_directly_on_a_plain_pipeline(tiny):
              generator=torch.Generator().manual_seed(0))
     assert all(c == 2 for c in rec.counts.values())
     assert all(s.shape[0] == 1 for s in rec.sums.values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_pipelines(kind):
+    """bfloat16 weights: hooks, heatmaps and predict_noise keep the model's dtype."""
+    from diffusion_xai.testing import tiny_pipeline
+
+    xp = XAIPipeline(tiny_pipeline(kind, dtype=torch.bfloat16), default_steps=2)
+    res = xp.heatmaps("a red circle", seed=0, height=32, width=32, progress=False)
+    assert res.token_maps.dtype == torch.float32 and torch.isfinite(res.token_maps).all()
+    eps = xp.predict_noise(torch.randn(2, 4, 16, 16, dtype=torch.bfloat16), 300, xp.encode_prompt("a red circle"))
+    assert eps.dtype == torch.bfloat16 and torch.isfinite(eps).all()
