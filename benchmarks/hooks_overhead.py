@@ -70,7 +70,7 @@ def throughput(xp: XAIPipeline, size: int, n: int, batch: int, reps: int) -> dic
     @torch.no_grad()
     def direct():
         for i in range(0, n, batch):
-            xp.unet(x[i:i + batch], t[i:i + batch], encoder_hidden_states=enc[: x[i:i + batch].shape[0]]).sample
+            _ = xp.unet(x[i:i + batch], t[i:i + batch], encoder_hidden_states=enc[: x[i:i + batch].shape[0]]).sample
     tm = interleaved({"direct": direct, "predict_noise": wrapped}, reps=reps)
     return {"direct_s": tm["direct"], "predict_noise_s": tm["predict_noise"],
             "throughput_ratio": tm["direct"] / tm["predict_noise"]}

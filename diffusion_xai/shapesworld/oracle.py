@@ -14,7 +14,16 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .scene import BACKGROUND, COLORS, IMAGE_SIZE, POSITION_ANCHOR, SHAPES, SIZE_RADIUS, ShapeObject, shape_mask
+from .scene import (
+    BACKGROUND,
+    COLORS,
+    IMAGE_SIZE,
+    POSITION_ANCHOR,
+    SHAPES,
+    SIZE_RADIUS,
+    ShapeObject,
+    shape_mask,
+)
 
 MIN_AREA = 20  # pixels; smaller regions are noise
 TEMPLATE = 24  # template resolution for shape matching

@@ -132,6 +132,55 @@ def train_vae(vae, work: Path, steps: int, batch: int = 16, lr: float = 1e-3, fg
     return losses
 
 
+def finetune_decoder(vae, work: Path, steps: int, batch: int = 16, lr: float = 5e-4, fg_weight: float = 8.0,
+                     log_every: int = 100, ckpt_every: int = 250) -> list[float]:
+    """Sharpen the decoder with the encoder frozen: the latents (and so the UNet's data) stay the same.
+
+    Decodes the posterior *mean* (what the UNet learns to produce); loss = foreground-weighted
+    L1 + MSE. Resumable from ``work/decoder_ckpt``.
+    """
+    ckpt = work / "decoder_ckpt"
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    dec = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in dec:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(dec, lr=lr, weight_decay=0.0)
+    start = _load_ckpt(ckpt, {"vae": vae}, opt)["step"] if (ckpt / "state.json").exists() else 0
+    rng = np.random.default_rng(4321 + start)
+    losses = []
+    bar = tqdm(range(start, steps), desc="decoder", initial=start, total=steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+        x, _ = scene_batch(rng.integers(2 * 10**8, 3 * 10**8, batch))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        fg = (x.abs().sum(1, keepdim=True) < 2.99).float()
+        w = 1.0 + (fg_weight - 1.0) * fg
+        loss = (w * ((rec - x).abs() + (rec - x) ** 2)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            _save_ckpt(ckpt, {"vae": vae}, opt, step + 1)
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    vae.eval()
+    return losses
+
+
+def load_trained_vae(vae, work: Path):
+    """The VAE weights of ``work``: the sharpened decoder's when present."""
+    src = work / "decoder_ckpt" if (work / "decoder_ckpt" / "vae.safetensors").exists() else work / "vae_ckpt"
+    vae.load_state_dict(load_file(str(src / "vae.safetensors")))
+    return vae.eval()
+
+
 @torch.no_grad()
 def vae_oracle_agreement(vae, n: int = 200, seed0: int = 3 * 10**8) -> float:
     """Share of scenes whose VAE reconstruction the oracle judges exactly like the original."""
@@ -239,7 +288,7 @@ def export(work: Path, out: Path, tiny: bool = False, use_ema: bool = True) -> P
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tok, vae, unet, text = _models(tiny, work / "tokenizer")
-    vae.load_state_dict(load_file(str(work / "vae_ckpt" / "vae.safetensors")))
+    load_trained_vae(vae, work)
     state = json.loads((work / "state.json").read_text())
     vae.register_to_config(scaling_factor=state["scaling_factor"])
     prefix = "ema_" if use_ema else ""
@@ -264,6 +313,10 @@ def main(argv=None) -> None:
     p.add_argument("--time-limit-min", type=float, default=None, help="stop the UNet stage (checkpointed) after this")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration (for tests)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stage", choices=["all", "decoder", "export"], default="all",
+                   help="all: VAE, latents, UNet, export; decoder: sharpen the VAE decoder (encoder frozen, "
+                        "so it can run beside the UNet stage); export: assemble the latest checkpoints")
+    p.add_argument("--decoder-steps", type=int, default=1500)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -272,6 +325,23 @@ def main(argv=None) -> None:
     tok, vae, unet, text = _models(a.tiny, a.work / "tokenizer")
     state_path = a.work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if a.stage == "decoder":
+        vae.load_state_dict(load_file(str(a.work / "vae_ckpt" / "vae.safetensors")))
+        t0 = time.time()
+        finetune_decoder(vae, a.work, a.decoder_steps)
+        agreement = vae_oracle_agreement(vae, n=100 if a.tiny else 400)
+        print(f"VAE (sharpened decoder) reconstructions judged like the originals: {agreement:.3f}")
+        (a.work / "decoder_ckpt" / "agreement.json").write_text(json.dumps(
+            {"vae_agreement": agreement, "decoder_steps": a.decoder_steps, "decoder_seconds": time.time() - t0}))
+        return
+    if a.stage == "export":
+        dec = a.work / "decoder_ckpt" / "agreement.json"
+        if dec.exists():
+            state.update(json.loads(dec.read_text()))
+            state_path.write_text(json.dumps(state, indent=2))
+        export(a.work, a.out, tiny=a.tiny)
+        print(f"exported to {a.out}")
+        return
     t0 = time.time()
     train_vae(vae, a.work, a.vae_steps)
     if "vae_agreement" not in state or state.get("vae_steps") != a.vae_steps:
