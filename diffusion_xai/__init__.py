@@ -2,8 +2,9 @@
 
 from .heatmaps import HeatmapResult
 from .hooks import ActivationPatcher, ActivationRecorder, AttentionEditor, AttentionRecorder, HookManager
+from .information import InformationResult, PIDResult
 from .pipeline import PromptEmbeddings, XAIPipeline
 
 __version__ = "0.1.0"
 __all__ = ["ActivationPatcher", "ActivationRecorder", "AttentionEditor", "AttentionRecorder", "HeatmapResult",
-           "HookManager", "PromptEmbeddings", "XAIPipeline"]
+           "HookManager", "InformationResult", "PIDResult", "PromptEmbeddings", "XAIPipeline"]

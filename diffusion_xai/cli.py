@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--images-per-prompt", type=int, default=1)
     common(h)
     h.set_defaults(func=cmd_heatmap)
+
+    from .information import register as register_pid
+
+    register_pid(sub)
     return p
 
 

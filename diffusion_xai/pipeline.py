@@ -358,3 +358,16 @@ class XAIPipeline:
         from .heatmaps import compute_heatmaps
 
         return compute_heatmaps(self, prompt, **kwargs)
+
+    def information(self, image_or_latent, prompt, **kwargs):
+        """Pointwise (conditional) mutual information of words with an image; see
+        :func:`diffusion_xai.information.information`."""
+        from .information import information
+
+        return information(self, image_or_latent, prompt, **kwargs)
+
+    def pid(self, image_or_prompt, word1, word2, **kwargs):
+        """DiffusionPID maps of a word pair; see :func:`diffusion_xai.information.pid`."""
+        from .information import pid
+
+        return pid(self, image_or_prompt, word1, word2, **kwargs)
