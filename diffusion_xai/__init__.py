@@ -1,10 +1,11 @@
 """diffusion-xai: explain and edit Stable Diffusion, proven against ground truth (ShapesWorld)."""
 
+from .erasure import Edit, erase
 from .heatmaps import HeatmapResult
 from .hooks import ActivationPatcher, ActivationRecorder, AttentionEditor, AttentionRecorder, HookManager
 from .information import InformationResult, PIDResult
 from .pipeline import PromptEmbeddings, XAIPipeline
 
 __version__ = "0.1.0"
-__all__ = ["ActivationPatcher", "ActivationRecorder", "AttentionEditor", "AttentionRecorder", "HeatmapResult",
-           "HookManager", "InformationResult", "PIDResult", "PromptEmbeddings", "XAIPipeline"]
+__all__ = ["ActivationPatcher", "ActivationRecorder", "AttentionEditor", "AttentionRecorder", "Edit", "HeatmapResult",
+           "HookManager", "InformationResult", "PIDResult", "PromptEmbeddings", "XAIPipeline", "erase"]

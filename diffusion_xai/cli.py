@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .information import register as register_pid
 
     register_pid(sub)
+    from .erasure_cli import register as register_erase
+
+    register_erase(sub)
     return p
 
 

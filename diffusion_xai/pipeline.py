@@ -371,3 +371,9 @@ class XAIPipeline:
         from .information import pid
 
         return pid(self, image_or_prompt, word1, word2, **kwargs)
+
+    def erase(self, concepts, **kwargs):
+        """Erase concepts as a reversible LoRA adapter on the UNet; see :func:`diffusion_xai.erasure.erase`."""
+        from .erasure import erase
+
+        return erase(self, concepts, **kwargs)
