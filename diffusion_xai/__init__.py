@@ -5,7 +5,8 @@ from .heatmaps import HeatmapResult
 from .hooks import ActivationPatcher, ActivationRecorder, AttentionEditor, AttentionRecorder, HookManager
 from .information import InformationResult, PIDResult
 from .pipeline import PromptEmbeddings, XAIPipeline
+from .tweaks import CorrectionBySimilarities, CrossTokenNMS, Interpolate, Remove, Reweight, Swap
 
 __version__ = "0.1.0"
-__all__ = ["ActivationPatcher", "ActivationRecorder", "AttentionEditor", "AttentionRecorder", "Edit", "HeatmapResult",
+__all__ = ["ActivationPatcher", "CorrectionBySimilarities", "CrossTokenNMS", "Interpolate", "Remove", "Reweight", "Swap", "ActivationRecorder", "AttentionEditor", "AttentionRecorder", "Edit", "HeatmapResult",
            "HookManager", "InformationResult", "PIDResult", "PromptEmbeddings", "XAIPipeline", "erase"]

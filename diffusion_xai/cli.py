@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .erasure_cli import register as register_erase
 
     register_erase(sub)
+    from .tweaks_cli import register as register_tweaks
+
+    register_tweaks(sub)
     return p
 
 

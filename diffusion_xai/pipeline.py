@@ -316,12 +316,22 @@ class XAIPipeline:
     def generate(self, prompt: str | Sequence[str], seed: int = 0, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, negative_prompt: str | Sequence[str] | None = None,
-                 output_type: str = "pil", progress: bool = True, **kwargs):
+                 output_type: str = "pil", progress: bool = True, tweaks=None, **kwargs):
         """Generate with the wrapped diffusers pipeline (under active hooks), seeded.
 
         Returns the pipeline's output (``.images``: PIL images, or arrays for ``output_type="np"``),
         ordered prompt-major: prompt 0's images first. Extra keyword arguments go to the pipeline.
+        ``tweaks``: embedding / attention tweaks (:mod:`diffusion_xai.tweaks`), applied to the
+        conditional branch for this call only.
         """
+        if tweaks:
+            from .tweaks import generate_with_tweaks
+
+            return generate_with_tweaks(self, prompt, tweaks, seed=seed, num_inference_steps=num_inference_steps,
+                                        guidance_scale=guidance_scale, height=height, width=width,
+                                        num_images_per_prompt=num_images_per_prompt,
+                                        negative_prompt=negative_prompt, output_type=output_type,
+                                        progress=progress, **kwargs)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts and "prompt_embeds" not in kwargs:
             raise ValueError("give at least one prompt")
