@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tweaks_cli import register as register_tweaks
 
     register_tweaks(sub)
+    from .classify_cli import register as register_classify
+
+    register_classify(sub)
     return p
 
 

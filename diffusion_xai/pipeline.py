@@ -387,3 +387,9 @@ class XAIPipeline:
         from .erasure import erase
 
         return erase(self, concepts, **kwargs)
+
+    def classify(self, images, classes, **kwargs):
+        """Zero-shot classification (Diffusion Classifier); see :func:`diffusion_xai.classifier.classify`."""
+        from .classifier import classify
+
+        return classify(self, images, classes, **kwargs)
