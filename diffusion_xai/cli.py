@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .classify_cli import register as register_classify
 
     register_classify(sub)
+    from .inconsistency_cli import register as register_localize
+
+    register_localize(sub)
     return p
 
 

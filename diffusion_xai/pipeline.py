@@ -393,3 +393,10 @@ class XAIPipeline:
         from .classifier import classify
 
         return classify(self, images, classes, **kwargs)
+
+    def localize_inconsistency(self, image, text, **kwargs):
+        """Which words of a caption and which pixels of an image disagree (D-TIIL); see
+        :func:`diffusion_xai.inconsistency.localize_inconsistency`."""
+        from .inconsistency import localize_inconsistency
+
+        return localize_inconsistency(self, image, text, **kwargs)
