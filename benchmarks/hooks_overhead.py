@@ -79,11 +79,12 @@ def throughput(xp: XAIPipeline, size: int, n: int, batch: int, reps: int) -> dic
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer repetitions, no SD 1.5 architecture")
+    p.add_argument("--models", default=None, help="comma-separated subset of shapesworld,sd15")
     a = p.parse_args()
     reps = 3 if a.quick else 5
     results = {}
     rows = []
-    names = ["shapesworld"] + ([] if a.quick else ["sd15"])
+    names = a.models.split(",") if a.models else ["shapesworld"] + ([] if a.quick else ["sd15"])
     for name in names:
         xp, size = model(name)
         steps = 20 if name == "shapesworld" else 2
@@ -99,9 +100,10 @@ def main() -> None:
         del xp
     print(table(rows, "Recording overhead (full cross-attention recording / none) and predict_noise throughput "
                       "(direct unet / predict_noise)"))
-    print()
-    print(table(results["memory"], "Recorder state vs number of steps (ShapesWorld model)"))
-    print("\nwrote", write_json("hooks_overhead", results))
+    if "memory" in results:
+        print()
+        print(table(results["memory"], "Recorder state vs number of steps (ShapesWorld model)"))
+    print("\nwrote", write_json("hooks_overhead_" + "_".join(names), results))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .inconsistency_cli import register as register_localize
 
     register_localize(sub)
+    from .audit.cli import register as register_audit
+
+    register_audit(sub)
     return p
 
 
