@@ -25,8 +25,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check diffusion_xai tests benchmarks
 
 run: $(STAMP)
-	$(VENV)/bin/diffusion-xai heatmap "$(PROMPT)" --out out/run
-	@echo "open out/run/heatmaps_0.png"
+	$(VENV)/bin/diffusion-xai report "$(PROMPT)" --pair red,circle --contradict "a blue circle on the left and a blue square on the right" --out out/report
+	@echo "open out/report/report.html"
+
+demo: $(STAMP)
+	$(PY) -m pip install -e ".[demo]"
+	$(VENV)/bin/diffusion-xai demo --port 7860
 
 bench: $(STAMP)
 	$(PY) benchmarks/hooks_overhead.py

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .audit.cli import register as register_audit
 
     register_audit(sub)
+    from .report_cli import register as register_report
+
+    register_report(sub)
+    from .demo_cli import register as register_demo
+
+    register_demo(sub)
     return p
 
 
