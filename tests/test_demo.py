@@ -154,8 +154,10 @@ def test_concurrent_heatmap_requests_get_their_own_maps(demo):
     seq = [app.heatmaps(p, "", 5) for p in prompts]
     out = [None, None]
     barrier = threading.Barrier(2)
+    threads_main = torch.get_num_threads()
 
     def run(i):
+        torch.set_num_threads(threads_main)  # OpenMP thread counts are per thread: same reduction order
         barrier.wait()
         out[i] = app.heatmaps(prompts[i], "", 5)
 
