@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--oracle-scenes", type=int, default=1000)
     p.add_argument("--name", default="shapesworld", help="name of the JSON written")
+    p.add_argument("--guidance", type=float, default=None, help="override the default guidance scale")
+    p.add_argument("--biases-only", action="store_true", help="only the bias table (e.g. at another guidance)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     oracle = oracle_accuracy(a.oracle_scenes)
@@ -126,8 +128,14 @@ def main() -> None:
     folder = Path(a.model) if a.model else MODEL_DIR
     from diffusion_xai.shapesworld import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
+    guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
     xp = XAIPipeline(load_shapesworld_pipeline(folder), batch_size=256, default_steps=DEFAULT_STEPS,
-                     default_guidance=DEFAULT_GUIDANCE)
+                     default_guidance=guidance)
+    if a.biases_only:
+        rows = biases(xp, a.samples)
+        print(table(rows, f"Injected biases reproduced by the model at guidance {guidance} (bar: gap <= 0.10)"))
+        print("\nwrote", write_json(a.name, {"biases": rows, "guidance": guidance, "samples": a.samples}))
+        return
     t = time.perf_counter()
     xp.generate(["a red circle"] * 50, seed=0, output_type="np", progress=False)
     per_image = (time.perf_counter() - t) / 50
