@@ -104,13 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args) -> int:
+    """Run a parsed subcommand; bad input becomes ``error: ...`` on stderr and exit status 2."""
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def standalone_main(register, argv=None) -> int:
+    """Entry point of one module's subcommands alone (e.g. for ``accelerate launch -m``)."""
+    p = argparse.ArgumentParser(prog="diffusion-xai")
+    register(p.add_subparsers(dest="command", required=True))
+    return run_command(p.parse_args(argv))
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -87,14 +87,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the report subcommand alone (``python -m diffusion_xai.report_cli ...``)."""
-    parser = argparse.ArgumentParser(prog="diffusion-xai")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import standalone_main
+
+    return standalone_main(register, ["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -69,14 +68,9 @@ def register(subparsers) -> None:
 
 def main(argv=None) -> int:
     """Stand-alone entry point (``python -m diffusion_xai.audit.cli audit ...``), e.g. for ``accelerate launch -m``."""
-    p = argparse.ArgumentParser(prog="diffusion-xai")
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from ..cli import standalone_main
+
+    return standalone_main(register, argv)
 
 
 if __name__ == "__main__":
