@@ -32,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local demo
@@ -82,6 +83,9 @@ kind = "oracle"             # the ShapesWorld oracle; "diffusion" judges with th
 a = "a circle"
 b = "a cross"
 """
+
+
+_PIPELINE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -218,7 +222,9 @@ class DemoApp:
     def __init__(self, xp, pid_samples: int = 64, align_steps: int = 30, classify_max_evals: int | None = None):
         self.xp = xp
         self.classify_max_evals = classify_max_evals
-        self.lock = threading.Lock()
+        # one lock per diffusers pipeline: diffusers pipelines keep per-call state on the object, so two
+        # apps (or XAIPipelines) wrapping the same pipeline must not generate at once
+        self.lock = _PIPELINE_LOCKS.setdefault(xp.pipe, threading.Lock())
         self.pid_samples = pid_samples
         self.align_steps = align_steps
         cfg = xp.unet.config

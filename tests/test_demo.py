@@ -144,7 +144,11 @@ def _app_module():
 @pytest.fixture(scope="module")
 def demo(tiny):
     mod = _app_module()
-    return mod, mod.DemoApp(_xp(tiny), pid_samples=4, align_steps=2, classify_max_evals=32)
+    from diffusion_xai.testing import tiny_pipeline
+
+    # a pipeline of its own: nothing another test module did to the shared tiny pipeline can leak in
+    xp = XAIPipeline(tiny_pipeline("sd1"), default_steps=4)
+    return mod, mod.DemoApp(xp, pid_samples=4, align_steps=2, classify_max_evals=32)
 
 
 @pytest.mark.skipif(not HAVE_GRADIO, reason="gradio not installed (the demo extra)")
