@@ -55,26 +55,33 @@ def cmd_heatmap(a) -> int:
     return 0
 
 
+def add_generation_options(sp) -> None:
+    """--steps, --guidance, --height, --width: the sampling options every generating subcommand takes."""
+    sp.add_argument("--steps", type=int, default=None)
+    sp.add_argument("--guidance", type=float, default=None)
+    sp.add_argument("--height", type=int, default=None)
+    sp.add_argument("--width", type=int, default=None)
+
+
+def add_common_options(sp) -> None:
+    """--model, --device, --seed, --out: the same names in every subcommand."""
+    sp.add_argument("--model", default="shapesworld",
+                    help="'shapesworld' (embedded, default), 'tiny-random', or a diffusers folder / hub id")
+    sp.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="out", help="output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffusion-xai", description="Explain and edit Stable Diffusion.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
-        sp.add_argument("--model", default="shapesworld",
-                        help="'shapesworld' (embedded, default), 'tiny-random', or a diffusers folder / hub id")
-        sp.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--out", default="out", help="output folder")
-
     h = sub.add_parser("heatmap", help="token heatmaps (DAAM) of a generated image")
     h.add_argument("prompt")
     h.add_argument("--words", help="comma-separated words to map (default: every content word)")
-    h.add_argument("--steps", type=int, default=None)
-    h.add_argument("--guidance", type=float, default=None)
-    h.add_argument("--height", type=int, default=None)
-    h.add_argument("--width", type=int, default=None)
     h.add_argument("--images-per-prompt", type=int, default=1)
-    common(h)
+    add_generation_options(h)
+    add_common_options(h)
     h.set_defaults(func=cmd_heatmap)
 
     from .information import register as register_pid

@@ -724,15 +724,10 @@ def register(subparsers) -> None:
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE)
     p.add_argument("--clip", type=float, default=DEFAULT_CLIP)
     p.add_argument("--batch-size", type=int, default=None, help="rows per UNet call")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--model", default="shapesworld",
-                   help="'shapesworld' (embedded, default), 'tiny-random', or a diffusers folder / hub id")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out", help="output folder")
+    from .cli import add_common_options, add_generation_options
+
+    add_generation_options(p)
+    add_common_options(p)
     p.set_defaults(func=cmd_pid)
 
 

@@ -157,13 +157,8 @@ def register(subparsers) -> None:
                         "nms[:WORDS][:alpha=,sigma=,until_step=], reweight:WORD=FACTOR, remove:WORD[:alpha=], "
                         "swap:WORD=OTHER[:alpha=], interpolate:WORD=OTHER:t=T")
     p.add_argument("--num-images", type=int, default=1, help="rows of the grid: seeds SEED..SEED+N-1")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--model", default="shapesworld",
-                   help="'shapesworld' (embedded, default), 'tiny-random', or a diffusers folder / hub id")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out", help="output folder")
+    from .cli import add_common_options, add_generation_options
+
+    add_generation_options(p)
+    add_common_options(p)
     p.set_defaults(func=cmd_generate)
