@@ -277,7 +277,10 @@ class ClassificationResult:
         out = []
         for i in range(len(self)):
             cands = (n[i] == n[i].max()).nonzero().flatten()
-            out.append(int(cands[flat[i, cands].mean(-1).argmin()]))
+            e = flat[i, cands]
+            shared = ~e.isnan().any(0)  # samples every candidate was evaluated on
+            e = e[:, shared] if shared.any() else e
+            out.append(int(cands[e.nanmean(-1).argmin()]))
         return torch.tensor(out, dtype=torch.long)
 
     @property

@@ -208,6 +208,24 @@ def test_fast_eliminates_by_paired_differences():
     assert (res.deltas[0, 1:] > 0).all()
 
 
+@pytest.mark.parametrize("best", [3, 9])
+def test_fast_prediction_is_the_survivor_when_the_last_round_drops_several(best):
+    # the true class is not index 0 and the last round eliminates several classes at once, so several
+    # classes end with the same sample count: the answer must still be the survivor (lowest shared error)
+    K, M = 10, 500
+    offsets = [0.004] * K
+    offsets[best] = 0.0
+    ev = _FakeEvaluator(offsets, M, 1, seed=1)
+    errs = torch.full((K, M, 1), float("nan"), dtype=torch.float64)
+    _run_fast(ev, None, K, M, 1, errs, z=3.0, min_timesteps=8, round_rows=32, max_timesteps=M)
+    n = (~errs.isnan()).flatten(1).sum(-1)
+    assert int((n == n.max()).sum()) > 1  # a tie in sample counts is the case under test
+    res = ClassificationResult(errs[None], torch.arange(M), torch.zeros(M, 1, 1, 1, 1), [str(k) for k in range(K)],
+                               [str(k) for k in range(K)])
+    assert int(res.predictions[0]) == best
+    assert float(res.deltas[0, best]) == 0 and (torch.cat([res.deltas[0, :best], res.deltas[0, best + 1:]]) > 0).all()
+
+
 def test_fast_keeps_all_classes_when_they_tie():
     K, M = 3, 64
     ev = _FakeEvaluator([0.0, 0.0, 0.0], M, 1)
