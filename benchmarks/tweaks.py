@@ -174,10 +174,15 @@ def main() -> None:
     ap.add_argument("--tune-samples", type=int, default=None, help="tuning seeds per prompt (default 100, quick 8)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 20)")
+    ap.add_argument("--held-out", choices=("all", "tuned"), default="all",
+                    help="held-out configurations: plain + published defaults + tuned (all) or plain + tuned")
+    ap.add_argument("--multi", type=int, default=None, help="use the first N multi-object prompts (default all 5)")
     a = ap.parse_args()
     n = a.samples or (16 if a.quick else 200)
     n_tune = a.tune_samples or (8 if a.quick else 100)
     multi = MULTI[:1] + MULTI[-1:] if a.quick else MULTI
+    if a.multi:
+        multi = MULTI[:a.multi - 1] + MULTI[-1:] if a.multi > 1 else MULTI[:1]
     single = SINGLE[:2] if a.quick else SINGLE
     xp = load(a.model, a.device)
     if a.steps:
@@ -213,7 +218,7 @@ def main() -> None:
     print(table(tune_rows, f"tuning split: {n_tune} seeds x {len(multi)} multi-object prompts (rates in %)"))
 
     # 2. held-out seeds: plain, defaults, tuned, one run with the same seeds
-    configs = {**DEFAULTS, **tuned_cfgs}
+    configs = {**DEFAULTS, **tuned_cfgs} if a.held_out == "all" else {"plain": {}, **tuned_cfgs}
     seeds = list(range(n))
     multi_res = evaluate(xp, configs, multi, seeds, a.batch_size, "held-out multi")
     single_res = evaluate(xp, configs, single, seeds, a.batch_size, "held-out single")
