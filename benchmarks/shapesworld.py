@@ -127,6 +127,7 @@ def main() -> None:
     print(table([oracle], "Oracle accuracy (all objects right, as a set)"))
     folder = Path(a.model) if a.model else MODEL_DIR
     from diffusion_xai.shapesworld import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from diffusion_xai.shapesworld.train import vae_oracle_agreement
 
     guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
     xp = XAIPipeline(load_shapesworld_pipeline(folder), batch_size=256, default_steps=DEFAULT_STEPS,
@@ -152,12 +153,13 @@ def main() -> None:
     quality.append({"family": "two objects", "metric": "both right", "value": two["both_right"], "bar": 0.60})
     print()
     print(table(quality, f"Model quality ({a.samples} samples per family, {DEFAULT_STEPS} steps, "
-                         f"guidance {DEFAULT_GUIDANCE})"))
+                         f"guidance {guidance})"))
     print()
     print(table(bias_rows, "Injected biases reproduced by the model (bar: gap <= 0.10)"))
     timing = {"seconds_per_image_batched": per_image, "seconds_single_image": single,
-              "vae_oracle_agreement": training.get("vae_agreement"),
-              "training_minutes": (training.get("vae_seconds", 0) + training.get("unet_seconds", 0)) / 60,
+              "vae_oracle_agreement": vae_oracle_agreement(xp.pipe.vae, n=400),
+              "training_minutes": (training.get("vae_seconds", 0) + training.get("decoder_seconds", 0)
+                                   + training.get("unet_seconds", 0)) / 60,
               "unet_steps": training.get("unet_steps_done")}
     print()
     print(table([timing], "Sampling time and training record"))

@@ -99,6 +99,22 @@ def test_oracle_on_degraded_renders():
     assert ok / n >= 0.95
 
 
+@pytest.mark.parametrize("shape", sw.SHAPES)
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 1.4])
+def test_oracle_reads_small_soft_shapes(shape, sigma):
+    # decoded samples round the corners of small shapes: a small disc blurred (then re-quantised by the
+    # decoder) must still be a circle, and a small blurred square still a square
+    from scipy import ndimage
+
+    obj = sw.ShapeObject(shape, "red", "small", "center", (32, 32),
+                         sw.shape_mask(shape, (32, 32), sw.SIZE_RADIUS["small"]))
+    img = sw.render([obj]).astype(np.float32)
+    if sigma:
+        img = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
+    found = judge(img.round().astype(np.uint8))
+    assert [(o.shape, o.size, o.position) for o in found] == [(shape, "small", "center")]
+
+
 def test_oracle_rejects_bad_images():
     with pytest.raises(ValueError, match="64x64"):
         judge(np.zeros((32, 32, 3), np.uint8))

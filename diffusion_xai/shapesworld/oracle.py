@@ -1,8 +1,8 @@
 """The ShapesWorld oracle: a pure numpy/scipy judge of what an image shows.
 
 ``judge(image)`` finds every object (connected foreground region) and reads its colour
-(nearest palette colour of its mean), shape (best IoU against each shape's template, fitted to
-the object's bounding box), size (bounding-box extent against the midpoint between the small
+(nearest palette colour of its mean), shape (best IoU against each shape's templates -- crisp and
+blurred renders at the small, the large and a big radius -- fitted to the object's bounding box), size (bounding-box extent against the midpoint between the small
 and large renders of that shape) and position (nearest anchor to the bounding-box centre).
 """
 
@@ -45,12 +45,22 @@ class DetectedObject:
         return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position}
 
 
+TEMPLATE_RADII = (SIZE_RADIUS["small"], SIZE_RADIUS["large"], 24)
+TEMPLATE_BLURS = (0.0, 1.0, 1.6)  # Gaussian sigmas (pixels): blurred-and-thresholded shapes have rounded corners
+
+
 @lru_cache(maxsize=None)
-def _templates() -> dict[str, np.ndarray]:
+def _templates() -> dict[str, list[np.ndarray]]:
+    """Every shape rendered at the small, the large and a big radius, crisp and blurred (then thresholded
+    at 0.5), cropped and resized to TEMPLATE x TEMPLATE. Small shapes are aliased and decoded samples round
+    their corners, so a single crisp big template misreads small discs as squares."""
     out = {}
     for s in SHAPES:
-        m = shape_mask(s, (32, 32), 24, size=64)
-        out[s] = _crop_resize(m)
+        out[s] = []
+        for r in TEMPLATE_RADII:
+            m = shape_mask(s, (32, 32), r, size=64).astype(np.float32)
+            for sigma in TEMPLATE_BLURS:
+                out[s].append(_crop_resize(ndimage.gaussian_filter(m, sigma) if sigma else m))
     return out
 
 
@@ -103,7 +113,7 @@ def judge(image) -> list[DetectedObject]:
         mean = img[core].astype(np.float32).mean(0)
         color = list(COLORS)[int(((_PALETTE[1:] - mean) ** 2).sum(-1).argmin())]
         t = _crop_resize(m)
-        ious = {s: (t & tm).sum() / max((t | tm).sum(), 1) for s, tm in _templates().items()}
+        ious = {s: max((t & tm).sum() / max((t | tm).sum(), 1) for tm in tms) for s, tms in _templates().items()}
         shape = max(ious, key=ious.get)
         ys, xs = np.nonzero(m)
         extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
