@@ -115,6 +115,24 @@ def test_oracle_reads_small_soft_shapes(shape, sigma):
     assert [(o.shape, o.size, o.position) for o in found] == [(shape, "small", "center")]
 
 
+def test_oracle_separates_touching_objects_of_different_colours():
+    sq = sw.shape_mask("square", (26, 32), 7)
+    ci = sw.shape_mask("circle", (39, 32), 7) & ~sq
+    assert (ndimage_dilate(sq) & ci).any()  # they touch: one foreground region
+    img = sw.render([sw.ShapeObject("square", "red", "small", "center", (26, 32), sq),
+                     sw.ShapeObject("circle", "blue", "small", "center", (39, 32), ci)])
+    assert [(o.shape, o.color) for o in judge(img)] == [("square", "red"), ("circle", "blue")]
+    # the same outline in one colour is one object (no split without a colour boundary)
+    one = sw.render([sw.ShapeObject("square", "red", "small", "center", (26, 32), sq | ci)])
+    assert len(judge(one)) == 1
+
+
+def ndimage_dilate(m):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(m)
+
+
 def test_oracle_rejects_bad_images():
     with pytest.raises(ValueError, match="64x64"):
         judge(np.zeros((32, 32, 3), np.uint8))

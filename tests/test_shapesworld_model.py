@@ -63,7 +63,7 @@ def test_heatmaps_of_content_words_sit_on_the_object(xp):
 
 def test_vae_reconstructions_are_judged_like_the_originals(xp):
     # known answer: the generator's own scenes (held out from training); the shipped VAE round trip
-    # must keep what the oracle reads (training measured 0.92 on 400 such scenes with this oracle)
+    # must keep what the oracle reads (0.96 on 400 such scenes, 0.95 on these 100)
     import torch
 
     from diffusion_xai.shapesworld import sample_scene
@@ -74,4 +74,4 @@ def test_vae_reconstructions_are_judged_like_the_originals(xp):
     with torch.no_grad():
         rec = xp.decode_latents(xp.encode_image(x))
     ok = [same_objects(judge(im), s.objects) for s, im in zip(scenes, rec)]
-    assert np.mean(ok) >= 0.88
+    assert np.mean(ok) >= 0.9

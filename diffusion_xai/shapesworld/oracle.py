@@ -93,14 +93,45 @@ def pixel_labels(image: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
+def _read(img: np.ndarray, m: np.ndarray) -> tuple[float, float, DetectedObject]:
+    """(centre y, centre x, object) of one region mask."""
+    core = ndimage.binary_erosion(m) if ndimage.binary_erosion(m).sum() >= 5 else m
+    mean = img[core].astype(np.float32).mean(0)
+    color = list(COLORS)[int(((_PALETTE[1:] - mean) ** 2).sum(-1).argmin())]
+    t = _crop_resize(m)
+    ious = {s: max((t & tm).sum() / max((t | tm).sum(), 1) for tm in tms) for s, tms in _templates().items()}
+    shape = max(ious, key=ious.get)
+    ys, xs = np.nonzero(m)
+    extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+    size = "large" if extent > _size_thresholds()[shape] else "small"
+    cx, cy = (xs.max() + xs.min() + 1) / 2.0, (ys.max() + ys.min() + 1) / 2.0
+    position = min(POSITION_ANCHOR, key=lambda p: (POSITION_ANCHOR[p][0] - cx) ** 2 + (POSITION_ANCHOR[p][1] - cy) ** 2)
+    return cy, cx, DetectedObject(shape, color, size, position, m, float(ious[shape]))
+
+
+def _colour_parts(labels: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+    """Connected single-colour parts (opened, holes filled, >= MIN_AREA pixels) of a region."""
+    parts = []
+    for c in np.unique(labels[m]):
+        pc = ndimage.binary_opening((labels == c) & m, iterations=1)
+        comp, n = ndimage.label(pc, structure=np.ones((3, 3)))
+        parts += [ndimage.binary_fill_holes(comp == k) for k in range(1, n + 1) if (comp == k).sum() >= MIN_AREA]
+    return parts
+
+
 def judge(image) -> list[DetectedObject]:
-    """Objects seen in a (H, W, 3) uint8 RGB image (or PIL image), sorted left-to-right, top-to-bottom."""
+    """Objects seen in a (H, W, 3) uint8 RGB image (or PIL image), sorted left-to-right, top-to-bottom.
+
+    Regions are connected foreground pixels; a region made of several single-colour parts that each fit a
+    shape template better than the whole region does is read as those touching objects.
+    """
     img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if img.dtype != np.uint8:
         raise ValueError(f"image must be uint8 RGB, got dtype {img.dtype}")
     if img.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"image must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {img.shape[1]}x{img.shape[0]}")
-    fg = pixel_labels(img) != 0
+    labels = pixel_labels(img)
+    fg = labels != 0
     fg = ndimage.binary_opening(fg, iterations=1) | (fg & ndimage.binary_erosion(fg))
     comp, n = ndimage.label(fg, structure=np.ones((3, 3)))
     found = []
@@ -109,18 +140,12 @@ def judge(image) -> list[DetectedObject]:
         if m.sum() < MIN_AREA:
             continue
         m = ndimage.binary_fill_holes(m)
-        core = ndimage.binary_erosion(m) if ndimage.binary_erosion(m).sum() >= 5 else m
-        mean = img[core].astype(np.float32).mean(0)
-        color = list(COLORS)[int(((_PALETTE[1:] - mean) ** 2).sum(-1).argmin())]
-        t = _crop_resize(m)
-        ious = {s: max((t & tm).sum() / max((t | tm).sum(), 1) for tm in tms) for s, tms in _templates().items()}
-        shape = max(ious, key=ious.get)
-        ys, xs = np.nonzero(m)
-        extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
-        size = "large" if extent > _size_thresholds()[shape] else "small"
-        cx, cy = (xs.max() + xs.min() + 1) / 2.0, (ys.max() + ys.min() + 1) / 2.0
-        position = min(POSITION_ANCHOR, key=lambda p: (POSITION_ANCHOR[p][0] - cx) ** 2 + (POSITION_ANCHOR[p][1] - cy) ** 2)
-        found.append((cy, cx, DetectedObject(shape, color, size, position, m, float(ious[shape]))))
+        whole = _read(img, m)
+        parts = [_read(img, pm) for pm in _colour_parts(labels, m)]
+        if len(parts) >= 2 and min(p[2].confidence for p in parts) > whole[2].confidence:
+            found += parts  # touching objects of different colours, each fitting a shape better than the union
+        else:
+            found.append(whole)
     found.sort(key=lambda f: (round(f[1] / 8), f[0]))
     return [f[2] for f in found]
 
