@@ -215,8 +215,11 @@ def encode_latents(vae, work: Path, num: int, batch: int = 256) -> None:
 
 def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: int = 64, lr: float = 3e-4,
                cond_drop: float = 0.1, ema_decay: float = 0.999, log_every: int = 100,
-               ckpt_every: int = 1000, time_limit_s: float | None = None) -> list[float]:
-    """Epsilon-prediction training of UNet + text encoder on the cached latents."""
+               ckpt_every: int = 1000, time_limit_s: float | None = None, seconds_before: float = 0.0) -> list[float]:
+    """Epsilon-prediction training of UNet + text encoder on the cached latents.
+
+    Checkpoints record the stage's total seconds; ``seconds_before`` is that total for a checkpoint
+    written before they did."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
@@ -227,9 +230,10 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
     ema = {"unet": {k: v.detach().clone() for k, v in unet.state_dict().items()},
            "text": {k: v.detach().clone() for k, v in text.state_dict().items()}}
     ckpt = work / "unet_ckpt"
-    start = 0
+    start, seconds0 = 0, 0.0
     if (ckpt / "state.json").exists():
-        start = _load_ckpt(ckpt, {"unet": unet, "text": text}, opt)["step"]
+        st = _load_ckpt(ckpt, {"unet": unet, "text": text}, opt)
+        start, seconds0 = st["step"], st.get("seconds", seconds_before)
         ema = {"unet": load_file(str(ckpt / "ema_unet.safetensors")), "text": load_file(str(ckpt / "ema_text.safetensors"))}
     ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -273,7 +277,7 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
             bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
         out_of_time = time_limit_s is not None and time.time() - t0 > time_limit_s
         if (step + 1) % ckpt_every == 0 or step + 1 == steps or out_of_time:
-            _save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1)
+            _save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1, {"seconds": seconds0 + time.time() - t0})
             save_file(ema["unet"], str(ckpt / "ema_unet.safetensors"))
             save_file(ema["text"], str(ckpt / "ema_text.safetensors"))
         if out_of_time:
@@ -355,9 +359,12 @@ def main(argv=None) -> None:
     state_path.write_text(json.dumps(state, indent=2))
     t1 = time.time()
     train_unet(unet, text, tok, a.work, a.unet_steps, state["scaling_factor"], batch=a.batch,
-               time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None)
-    state["unet_seconds"] = state.get("unet_seconds", 0.0) + time.time() - t1
-    state["unet_steps_done"] = json.loads((a.work / "unet_ckpt" / "state.json").read_text())["step"]
+               time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None,
+               seconds_before=state.get("unet_seconds", 0.0))
+    ck = json.loads((a.work / "unet_ckpt" / "state.json").read_text())
+    # checkpoints carry the UNet stage's total seconds (so interrupted runs still count)
+    state["unet_seconds"] = ck.get("seconds", state.get("unet_seconds", 0.0) + time.time() - t1)
+    state["unet_steps_done"] = ck["step"]
     state_path.write_text(json.dumps(state, indent=2))
     export(a.work, a.out, tiny=a.tiny)
     print(f"exported to {a.out}")
