@@ -33,7 +33,6 @@ temperature is 1 and ``result.calibrated`` is False (the raw, nearly flat softma
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .calibration import load_entry, save_entry
 from .results import load_result, save_result
 
 SCHEDULES = ("fast", "reference")
@@ -181,26 +181,14 @@ def expected_calibration_error(probs: torch.Tensor, labels: Sequence[int] | torc
     return ece
 
 
-def _model_folder(xp) -> Path | None:
-    name = getattr(xp.pipe, "name_or_path", None) or xp.pipe.config.get("_name_or_path")
-    return Path(name) if name and Path(name).is_dir() else None
-
-
 def save_calibration(folder: str | Path, loss: str, temperature: float, **info) -> Path:
     """Store a fitted temperature for ``loss`` in ``folder/classifier_calibration.json`` (other losses kept)."""
-    path = Path(folder) / CALIBRATION_FILE
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table[loss] = {"temperature": float(temperature), **info}
-    path.write_text(json.dumps(table, indent=2))
-    return path
+    return save_entry(folder, CALIBRATION_FILE, loss, temperature=float(temperature), **info)
 
 
 def load_calibration(xp, loss: str = "l2") -> float | None:
     """The stored temperature of the model's folder for ``loss``, or None when there is none."""
-    folder = _model_folder(xp)
-    if folder is None or not (folder / CALIBRATION_FILE).exists():
-        return None
-    entry = json.loads((folder / CALIBRATION_FILE).read_text()).get(loss)
+    entry = load_entry(xp, CALIBRATION_FILE, loss)
     return None if entry is None else float(entry["temperature"])
 
 

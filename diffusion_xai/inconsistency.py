@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .calibration import load_entry, save_entry
 from .pipeline import PromptEmbeddings, validate_seed
 from .results import load_result, save_result
 from .tokens import split_words, validate_prompt, word_tokens
@@ -82,11 +83,13 @@ DEFAULT_MASK_SEEDS = 10
 DEFAULT_MASK_THRESHOLD = 0.15  # step 2 (edit region), paper default
 DEFAULT_FINAL_THRESHOLD = 0.3  # step 4 (final region), paper default
 DEFAULT_BLUR_SIGMA = 0.5  # latent pixels
-# Consistency decision on the cosine score. It depends on align_steps, align_batch and lr (the drift grows with
-# them). Set for ShapesWorld at the defaults above, between the scores of "a red circle" (0.999651) and "a blue
-# circle" (0.999618) on a red-circle render (interim checkpoint); benchmarks/inconsistency.py prints the value
-# tuned on its tuning split, which should replace this one for the final model.
+# Consistency decision on the cosine score when the model folder has no calibration for the call's alignment
+# settings (see calibration_key). It depends on align_steps, align_batch and lr (the drift grows with them);
+# this value was set by hand for ShapesWorld (an early checkpoint, between the scores of "a red circle" and
+# "a blue circle" on a red-circle render). `benchmarks/inconsistency.py --save-calibration` fits both thresholds
+# on its tuning split and stores them with the model, and those are what a call with the same settings uses.
 DEFAULT_THRESHOLD = 0.99964
+CALIBRATION_FILE = "inconsistency_calibration.json"
 DEFAULT_WORD_SAMPLES = 16
 DEFAULT_WORD_RATIO = 0.5
 WORD_T_RANGE = (0.1, 0.9)  # fractions of the schedule the word-score timesteps cover
@@ -158,6 +161,27 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two tensors, flattened (float64)."""
     a, b = a.double().flatten(), b.double().flatten()
     return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def calibration_key(align_steps: int, align_batch: int, lr: float) -> str:
+    """The alignment settings a stored threshold was fitted under, e.g. ``"steps50-batch4-lr0.001"``."""
+    return f"steps{int(align_steps)}-batch{int(align_batch)}-lr{float(lr):g}"
+
+
+def save_thresholds(folder, align_steps: int, align_batch: int, lr: float, threshold: float,
+                    final_threshold: float, **info) -> Path:
+    """Store fitted decision and final-mask thresholds for these alignment settings with the model (in
+    ``folder/inconsistency_calibration.json``); calls with the same settings then use them by default."""
+    _check_unit("threshold", threshold)
+    _check_unit("final_threshold", final_threshold)
+    return save_entry(folder, CALIBRATION_FILE, calibration_key(align_steps, align_batch, lr),
+                      threshold=float(threshold), final_threshold=float(final_threshold), **info)
+
+
+def load_thresholds(xp, align_steps: int = DEFAULT_ALIGN_STEPS, align_batch: int = DEFAULT_ALIGN_BATCH,
+                    lr: float = DEFAULT_LR) -> dict | None:
+    """The thresholds stored with ``xp``'s model for these alignment settings, or None."""
+    return load_entry(xp, CALIBRATION_FILE, calibration_key(align_steps, align_batch, lr))
 
 
 def _check_unit(name: str, v) -> float:
@@ -495,8 +519,8 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
                            align_batch: int = DEFAULT_ALIGN_BATCH, align_t_range: tuple[float, float] = DEFAULT_ALIGN_T_RANGE,
                            strength: float = DEFAULT_STRENGTH,
                            num_mask_seeds: int = DEFAULT_MASK_SEEDS, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
-                           final_threshold: float = DEFAULT_FINAL_THRESHOLD, blur_sigma: float = DEFAULT_BLUR_SIGMA,
-                           threshold: float = DEFAULT_THRESHOLD, word_samples: int = DEFAULT_WORD_SAMPLES,
+                           final_threshold: float | None = None, blur_sigma: float = DEFAULT_BLUR_SIGMA,
+                           threshold: float | None = None, word_samples: int = DEFAULT_WORD_SAMPLES,
                            word_ratio: float = DEFAULT_WORD_RATIO, inpaint_pipeline=None,
                            num_inference_steps: int | None = None, guidance_scale: float | None = None,
                            seed: int = 0, progress: bool = True) -> InconsistencyResult:
@@ -512,9 +536,11 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
         strength: noise level of the masks, ``t = strength * (T - 1)``, in (0, 1).
         num_mask_seeds: noises averaged in each mask.
         mask_threshold: threshold of step 2's soft mask (the edit region), in [0, 1] (default 0.15).
-        final_threshold: threshold of the final soft mask, in [0, 1] (default 0.3).
+        final_threshold: threshold of the final soft mask, in [0, 1]; None: the model's calibration for
+            these alignment settings (:func:`load_thresholds`), else 0.3 (the paper's).
         blur_sigma: Gaussian blur of the masks in latent pixels (>= 0).
-        threshold: consistency decision threshold in [0, 1]: consistent when ``score >= threshold``.
+        threshold: consistency decision threshold in [0, 1]: consistent when ``score >= threshold``; None: the
+            model's calibration for these alignment settings, else ``DEFAULT_THRESHOLD``.
         word_samples: (t, noise) samples of the word scores; ``word_ratio``: see ``inconsistent_words``.
         inpaint_pipeline: a diffusers inpainting pipeline for step 3 (None: masked latent blending with
             ``xp``'s own model).
@@ -534,6 +560,12 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
         raise ValueError(f"caption {text!r} is longer than the text encoder's {xp.pipe.tokenizer.model_max_length} "
                          f"tokens (cut off: {', '.join(truncated)}); shorten it")
     image = _as_image(xp, image)
+    calib = load_thresholds(xp, align_steps, align_batch, lr)
+    threshold_source = "argument" if threshold is not None else ("calibration" if calib else "default")
+    if threshold is None:
+        threshold = calib["threshold"] if calib else DEFAULT_THRESHOLD
+    if final_threshold is None:
+        final_threshold = calib["final_threshold"] if calib else DEFAULT_FINAL_THRESHOLD
     for name, v in (("mask_threshold", mask_threshold), ("final_threshold", final_threshold),
                     ("threshold", threshold), ("word_ratio", word_ratio)):
         _check_unit(name, v)
@@ -612,6 +644,7 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
                   align_t_range=[float(v) for v in align_t_range], strength=float(strength),
                   mask_timestep=t_mask, num_mask_seeds=num_mask_seeds, mask_threshold=float(mask_threshold),
                   final_threshold=float(final_threshold), blur_sigma=float(blur_sigma), word_samples=word_samples,
+                  threshold_source=threshold_source,
                   num_inference_steps=num_inference_steps or xp.default_steps,
                   guidance_scale=float(xp.default_guidance if guidance_scale is None else guidance_scale),
                   seed=seed)
@@ -625,6 +658,7 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
         unet_evals=xp.unet_evals - evals0, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["DEFAULT_THRESHOLD", "FUNCTION_WORDS", "InconsistencyResult", "align_embedding", "content_words",
+__all__ = ["DEFAULT_THRESHOLD", "FUNCTION_WORDS", "InconsistencyResult", "align_embedding", "calibration_key",
+           "content_words", "load_thresholds", "save_thresholds",
            "difference_map", "gaussian_blur", "latent_cells", "localize_inconsistency", "normalize", "region_mask",
            "word_scores"]

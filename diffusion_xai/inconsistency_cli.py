@@ -29,11 +29,13 @@ def register(subparsers) -> None:
     p.add_argument("--mask-seeds", type=int, default=inc.DEFAULT_MASK_SEEDS, help="noises averaged per mask")
     p.add_argument("--mask-threshold", type=float, default=inc.DEFAULT_MASK_THRESHOLD,
                    help=f"edit-region threshold (default {inc.DEFAULT_MASK_THRESHOLD})")
-    p.add_argument("--final-threshold", type=float, default=inc.DEFAULT_FINAL_THRESHOLD,
-                   help=f"final-region threshold (default {inc.DEFAULT_FINAL_THRESHOLD})")
+    p.add_argument("--final-threshold", type=float, default=None,
+                   help="final-region threshold (default: the model's calibration for the alignment settings, "
+                        f"else {inc.DEFAULT_FINAL_THRESHOLD})")
     p.add_argument("--blur", type=float, default=inc.DEFAULT_BLUR_SIGMA, help="mask blur sigma in latent pixels")
-    p.add_argument("--threshold", type=float, default=inc.DEFAULT_THRESHOLD,
-                   help=f"consistency decision threshold (default {inc.DEFAULT_THRESHOLD}, calibrated on ShapesWorld)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="consistency decision threshold (default: the model's calibration for the alignment "
+                        f"settings, stored by benchmarks/inconsistency.py, else {inc.DEFAULT_THRESHOLD})")
     p.add_argument("--word-samples", type=int, default=inc.DEFAULT_WORD_SAMPLES, help="samples of the word scores")
     p.add_argument("--inpaint", default=None,
                    help="folder / hub id of a diffusers inpainting pipeline for the edit (default: masked latent "

@@ -97,6 +97,40 @@ def test_user_unet_and_embeddings_untouched(tiny):
     assert res.unet_evals == 2 * 3 + 2 * 2 * 2 + 3 * 2 + 2 * 2 * 3
 
 
+def test_thresholds_stored_with_the_model_apply_to_matching_settings_only(tiny, tmp_path):
+    from diffusion_xai.inconsistency import (
+        DEFAULT_FINAL_THRESHOLD,
+        DEFAULT_THRESHOLD,
+        load_thresholds,
+        save_thresholds,
+    )
+
+    xp = _xp(tiny)
+    res = localize_inconsistency(xp, _square_image(), "a blue circle", **FAST)
+    assert res.threshold == DEFAULT_THRESHOLD and res.params["final_threshold"] == DEFAULT_FINAL_THRESHOLD
+    assert res.params["threshold_source"] == "default"
+    path = save_thresholds(tmp_path, FAST["align_steps"], FAST["align_batch"], 1e-3, 0.25, 0.6, pairs=8)
+    assert json.loads(path.read_text())["steps3-batch1-lr0.001"]["pairs"] == 8
+    old = xp.pipe.config.get("_name_or_path")
+    xp.pipe.register_to_config(_name_or_path=str(tmp_path))
+    try:
+        assert load_thresholds(xp, 3, 1, 1e-3) == {"threshold": 0.25, "final_threshold": 0.6, "pairs": 8}
+        cal = localize_inconsistency(xp, _square_image(), "a blue circle", **FAST)
+        assert cal.threshold == 0.25 and cal.params["final_threshold"] == 0.6
+        assert cal.params["threshold_source"] == "calibration"
+        assert torch.equal(cal.mask, cal.mask_soft >= 0.6) and cal.consistent == (cal.score >= 0.25)
+        # other alignment settings were not calibrated: the documented defaults
+        other = localize_inconsistency(xp, _square_image(), "a blue circle", **{**FAST, "align_steps": 2})
+        assert other.threshold == DEFAULT_THRESHOLD and other.params["threshold_source"] == "default"
+        # an explicit argument wins
+        arg = localize_inconsistency(xp, _square_image(), "a blue circle", threshold=0.5, **FAST)
+        assert arg.threshold == 0.5 and arg.params["threshold_source"] == "argument"
+    finally:
+        xp.pipe.register_to_config(_name_or_path=old)
+    with pytest.raises(ValueError, match="threshold"):
+        save_thresholds(tmp_path, 3, 1, 1e-3, 1.5, 0.6)
+
+
 def test_adam_first_step_moves_every_coordinate_by_lr(tiny):
     """Adam's first update is lr * g / (|g| + 1e-8): every coordinate with a gradient moves by ~lr, none more."""
     xp = _xp(tiny)

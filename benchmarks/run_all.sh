@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every ShapesWorld benchmark at the sizes quoted in the README, in two lanes of one CPU thread each
+# (this machine has 2 cores). Logs go to benchmarks/results/<name>.log, JSON to benchmarks/results/.
+# The classifier and D-TIIL runs store their fitted calibrations with the embedded model.
+#   bash benchmarks/run_all.sh [PYTHON]
+set -u
+PY=${1:-.venv/bin/python}
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+R=benchmarks/results
+run() { local name=$1; shift; echo "[$(date +%T)] start $name"; "$PY" "$@" > "$R/$name.log" 2>&1; echo "[$(date +%T)] done $name (rc $?)"; }
+lane_a() {
+  run shapesworld benchmarks/shapesworld.py --samples 200
+  run shapesworld_g2 benchmarks/shapesworld.py --samples 200 --guidance 2 --biases-only --name shapesworld_g2
+  run classifier benchmarks/classifier.py --images 24 --save-calibration
+  run heatmaps benchmarks/heatmaps.py --images 100
+}
+lane_b() {
+  run inconsistency benchmarks/inconsistency.py --tune 40 --test 40 --save-calibration
+  run tweaks benchmarks/tweaks.py --held-out tuned --multi 3 --tune-samples 40 --samples 200
+  run audit benchmarks/audit.py --images 200 --diffusion-images 50 --speedup
+  run pid benchmarks/pid.py --source rendered --images 60 --synonym-images 32 --bias-images 16 --samples 50
+}
+lane_a & lane_b & wait
