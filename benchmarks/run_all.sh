@@ -14,11 +14,14 @@ lane_a() {
   run shapesworld_g2 benchmarks/shapesworld.py --samples 200 --guidance 2 --biases-only --name shapesworld_g2
   run classifier benchmarks/classifier.py --images 24 --save-calibration
   run heatmaps benchmarks/heatmaps.py --images 100
+  run erasure benchmarks/erasure.py --concepts circle,square,triangle,cross,red,purple --methods closed_form,neighbors \
+      --token-positions word_to_eos --guide anchor --num-samples 8 --debias-samples 96 --debias-rounds 15
 }
 lane_b() {
   run inconsistency benchmarks/inconsistency.py --tune 40 --test 40 --save-calibration
   run tweaks benchmarks/tweaks.py --held-out tuned --multi 3 --tune-samples 40 --samples 200
   run audit benchmarks/audit.py --images 200 --diffusion-images 50 --speedup
   run pid benchmarks/pid.py --source rendered --images 60 --synonym-images 32 --bias-images 16 --samples 50
+  run pid_generated benchmarks/pid.py --source generated --images 50 --synonym-images 16 --bias-images 8 --samples 50 --name pid_generated
 }
 lane_a & lane_b & wait
