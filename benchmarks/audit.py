@@ -41,6 +41,7 @@ from diffusion_xai.audit.runner import image_path  # noqa: E402
 from diffusion_xai.shapesworld import (  # noqa: E402
     BIASES,
     COLORS,
+    DEFAULT_GUIDANCE,
     SHAPES,
     SIZES,
     attribute_distribution,
@@ -54,7 +55,7 @@ name = "{name}"
 images_per_prompt = {images}
 seed = 100000
 steps = 20
-guidance = 4.0
+guidance = {guidance}
 batch_size = 64
 [prompts]
 templates = ["a {{shape}}"]
@@ -70,8 +71,8 @@ kind = "{judge}"
 """
 
 
-def make_spec(name: str, images: int, judge: str = "oracle", options: str = ""):
-    return parse_spec(SPEC.format(name=name, images=images, shapes=json.dumps(list(SHAPES)),
+def make_spec(name: str, images: int, judge: str = "oracle", options: str = "", guidance: float = DEFAULT_GUIDANCE):
+    return parse_spec(SPEC.format(name=name, images=images, guidance=float(guidance), shapes=json.dumps(list(SHAPES)),
                                   colors=json.dumps(list(COLORS)), sizes=json.dumps(list(SIZES)), judge=judge,
                                   options=options), f"{name}.toml")
 
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=200, help="images per prompt (oracle)")
     p.add_argument("--diffusion-images", type=int, default=50, help="images per prompt judged by the model")
     p.add_argument("--speedup", action="store_true", help="also time a 2-process run (accelerate launch)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale of the audited samples")
     a = p.parse_args()
     if a.quick:
         a.images, a.diffusion_images = 8, 2
@@ -116,12 +118,12 @@ def main() -> None:
     pipe = load_shapesworld_pipeline(model_dir)
     if a.device:
         pipe.to(a.device)
-    xp = XAIPipeline(pipe, batch_size=64, default_steps=20, default_guidance=4.0)
+    xp = XAIPipeline(pipe, batch_size=64, default_steps=20, default_guidance=a.guidance)
     tmp = Path(tempfile.mkdtemp(prefix="audit_bench_"))
     results, summaries = [], []
 
     # 1. the generator process itself (the audit machinery must find the truth)
-    spec = make_spec("renders", a.images)
+    spec = make_spec("renders", a.images, guidance=a.guidance)
     t = time.perf_counter()
     run_audit(spec, tmp / "renders", generator=render_generator(), progress=False)
     r, s = compare("renders", summarize(spec, load_rows(tmp / "renders")), time.perf_counter() - t, None)
@@ -129,7 +131,7 @@ def main() -> None:
     summaries.append(s)
 
     # 2. the model, judged by the oracle
-    spec = make_spec("oracle", a.images)
+    spec = make_spec("oracle", a.images, guidance=a.guidance)
     t = time.perf_counter()
     run_audit(spec, tmp / "oracle", xp=xp, progress=True)
     t_oracle = time.perf_counter() - t
@@ -138,7 +140,8 @@ def main() -> None:
     summaries.append(s)
 
     # 3. the same images judged by the model itself
-    dspec = make_spec("diffusion", a.diffusion_images, "diffusion", "options = {seed = 0, from_prompt = true}")
+    dspec = make_spec("diffusion", a.diffusion_images, "diffusion", "options = {seed = 0, from_prompt = true}",
+                      guidance=a.guidance)
 
     def saved(prompts, seeds):  # the oracle audit's images: generation is not timed twice
         return [Image.open(tmp / "oracle" / image_path(spec.prompts.index(q), s - spec.seed)).convert("RGB")
@@ -155,7 +158,7 @@ def main() -> None:
     speed = None
     if a.speedup:
         f = tmp / "speed.toml"
-        f.write_text(SPEC.format(name="speed", images=a.images, shapes=json.dumps(list(SHAPES)),
+        f.write_text(SPEC.format(name="speed", images=a.images, guidance=float(a.guidance), shapes=json.dumps(list(SHAPES)),
                                  colors=json.dumps(list(COLORS)), sizes=json.dumps(list(SIZES)), judge="oracle",
                                  options=""))
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -180,7 +183,8 @@ def main() -> None:
     if speed:
         print(f"\n2 processes: {speed['two_process_s']:.1f} s vs 1 process {speed['one_process_s']:.1f} s: "
               f"speed-up {speed['speedup']:.2f}x, rows equal: {speed['rows_equal']}")
-    path = write_json("audit", {"model": str(model_dir or "embedded"), "quick": a.quick, "images_per_prompt": a.images,
+    path = write_json("audit", {"model": str(model_dir or "embedded"), "quick": a.quick, "guidance": a.guidance,
+                                "images_per_prompt": a.images,
                                 "diffusion_images_per_prompt": a.diffusion_images, "summary": summaries,
                                 "shares": results, "speedup": speed, "folder": str(tmp)})
     print(f"wrote {path}")
