@@ -20,7 +20,7 @@ from .scene import (
 
 MODEL_DIR = Path(__file__).parent / "model"
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_GUIDANCE = 1.5
 
 __all__ = ["BIASES", "COLORS", "CONTROL_SHAPE", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "MODEL_DIR", "POSITIONS",
            "SHAPES", "SIZES", "DetectedObject", "Scene", "attribute_distribution", "degrade", "judge",
