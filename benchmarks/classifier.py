@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--confidence", type=float, default=0.99, help="fast schedule's elimination confidence")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="classifier", help="name of the JSON written")
     ap.add_argument("--save-calibration", action="store_true",
                     help="store the fitted temperature in the model folder (classifier_calibration.json)")
     a = ap.parse_args()
@@ -216,7 +217,7 @@ def main() -> None:
     tp = throughput(xp, a.seed)
     print()
     print(table([tp], "UNet throughput: classifier (reference schedule) vs plain batched UNet calls"))
-    out = write_json("classifier", {"model": str(folder), "device": a.device, "quick": a.quick, "images_per_task": n,
+    out = write_json(a.name, {"model": str(folder), "device": a.device, "quick": a.quick, "images_per_task": n,
                                     "seed": a.seed, "confidence": a.confidence, "batch_size": a.batch_size,
                                     "tasks": per_task, "calibration": calib, "throughput": tp,
                                     "targets": {"reference_color_shape_acc": ">= 0.90",

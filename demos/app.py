@@ -25,6 +25,7 @@ Uploads are checked before decoding: at most :data:`MAX_UPLOAD_BYTES` bytes and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -90,13 +91,18 @@ _PIPELINE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # ------------------------------------------------------------------------------------------ helpers
 def readable_errors(fn):
-    """Decorator: bad input -> ``gr.Error`` with the library's message; anything else -> a short
-    ``gr.Error`` naming the exception type (traceback logged on the server, never shown)."""
+    """Decorator of the app's handlers: the whole handler runs under the pipeline's lock (the tokenizer,
+    scheduler and hooks of a diffusers pipeline are shared mutable state: a fast tokenizer called without
+    padding in one thread changes the padding of a concurrent call in another); bad input -> ``gr.Error``
+    with the library's message; anything else -> a short ``gr.Error`` naming the exception type
+    (traceback logged on the server, never shown)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        lock = getattr(args[0], "lock", None) if args else None
         try:
-            return fn(*args, **kwargs)
+            with lock if lock is not None else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except gr.Error:
             raise
         except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
@@ -224,7 +230,7 @@ class DemoApp:
         self.classify_max_evals = classify_max_evals
         # one lock per diffusers pipeline: diffusers pipelines keep per-call state on the object, so two
         # apps (or XAIPipelines) wrapping the same pipeline must not generate at once
-        self.lock = _PIPELINE_LOCKS.setdefault(xp.pipe, threading.Lock())
+        self.lock = _PIPELINE_LOCKS.setdefault(xp.pipe, threading.RLock())
         self.pid_samples = pid_samples
         self.align_steps = align_steps
         cfg = xp.unet.config
