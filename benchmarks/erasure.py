@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--debias-rounds", type=int, default=None, help="default 30, quick 3")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps of every generation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="name of the JSON written (default erasure / erasure_quick)")
     p.add_argument("--guide", default="", help='"" (the empty prompt, default) or "anchor" (the next shape / colour)')
     a = p.parse_args(argv)
     a.num_samples = a.num_samples or (2 if a.quick else 16)
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
         payload["sd15"] = s = sd15_time(reps=1 if a.quick else 3)
         print(f"SD 1.5 architecture closed-form edit: {s['edit_s']:.2f} s ({s['modules']} matrices, rank "
               f"{s['rank']}; {s['edit_with_adapter_s']:.2f} s with the adapter)")
-    path = write_json("erasure" + ("_quick" if a.quick else ""), _no_nan(payload))
+    path = write_json(a.name or ("erasure" + ("_quick" if a.quick else "")), _no_nan(payload))
     print(f"wrote {path}")
     return 0
 
