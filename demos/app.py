@@ -289,8 +289,7 @@ class DemoApp:
         seed = parse_seed(seed)
         word = (word or "").strip()
         progress(0.1, desc="generating under the attention recorder")
-        with self.lock:
-            res = self.xp.heatmaps(prompt, seed=seed, words=[word] if word else None, progress=False)
+        res = self.xp.heatmaps(prompt, seed=seed, words=[word] if word else None, progress=False)
         words = content_words(prompt)
         if not words:
             raise ValueError(f"prompt {prompt!r} has no content word to map")
@@ -307,9 +306,8 @@ class DemoApp:
         seed = parse_seed(seed)
         n = int(num_samples or self.pid_samples)
         progress(0.1, desc=f"PID with {n} samples ({4 * n} UNet evaluations)")
-        with self.lock:
-            r = self.xp.pid(prompt, (word1 or "").strip(), (word2 or "").strip(), num_samples=n, seed=seed,
-                            progress=False)
+        r = self.xp.pid(prompt, (word1 or "").strip(), (word2 or "").strip(), num_samples=n, seed=seed,
+                        progress=False)
         progress(0.9, desc="plots")
         gallery = []
         for k in PID_ORDER:
@@ -329,10 +327,9 @@ class DemoApp:
         if len(classes) < 2:
             raise ValueError(f"give at least two candidate captions (one per line), got {len(classes)}")
         progress(0.1, desc="image")
-        with self.lock:
-            image, source = self._image(upload, prompt, seed)
-            progress(0.3, desc=f"classifying among {len(classes)} captions")
-            r = self.xp.classify(image, classes, seed=seed, max_evals=self.classify_max_evals, progress=False)
+        image, source = self._image(upload, prompt, seed)
+        progress(0.3, desc=f"classifying among {len(classes)} captions")
+        r = self.xp.classify(image, classes, seed=seed, max_evals=self.classify_max_evals, progress=False)
         probs = dict(zip(r.classes, r.probs[0].tolist()))
         text = "\n".join(f"{p:.4f}\t{c}" for c, p in sorted(probs.items(), key=lambda kv: -kv[1]))
         info = (f"{source}; prediction (lowest paired noise-prediction error): {r.labels[0]!r}; "
@@ -346,11 +343,10 @@ class DemoApp:
         seed = parse_seed(seed)
         caption = require_prompt(caption, "caption")
         steps = int(align_steps or self.align_steps)
-        with self.lock:
-            progress(0.05, desc="image")
-            image, source = self._image(upload, prompt, seed)
-            progress(0.2, desc=f"aligning the caption ({steps} steps x 2), mask, edit")
-            r = self.xp.localize_inconsistency(image, caption, align_steps=steps, seed=seed, progress=False)
+        progress(0.05, desc="image")
+        image, source = self._image(upload, prompt, seed)
+        progress(0.2, desc=f"aligning the caption ({steps} steps x 2), mask, edit")
+        r = self.xp.localize_inconsistency(image, caption, align_steps=steps, seed=seed, progress=False)
         verdict = (f"{'consistent' if r.consistent else 'INCONSISTENT'}: score {r.score:.5f} (threshold "
                    f"{r.threshold:.5f}); most inconsistent word: {r.word!r}; flagged: "
                    f"{', '.join(r.inconsistent_words) or 'none'} ({source})")
@@ -375,22 +371,21 @@ class DemoApp:
             except ValueError:
                 templates = ["{}"]
         before, after = [], []
-        with self.lock:
+        for i, s in enumerate(seeds):
+            progress((i, 2 * len(seeds) + 1), desc="before")
+            before.append((show(self.xp.generate(prompt, seed=s, progress=False).images[0]), f"seed {s}"))
+        progress((len(seeds), 2 * len(seeds) + 1), desc=f"erasing {', '.join(concepts)}")
+        edit = self.xp.erase(concepts, templates=templates, progress=False)
+        try:
             for i, s in enumerate(seeds):
-                progress((i, 2 * len(seeds) + 1), desc="before")
-                before.append((show(self.xp.generate(prompt, seed=s, progress=False).images[0]), f"seed {s}"))
-            progress((len(seeds), 2 * len(seeds) + 1), desc=f"erasing {', '.join(concepts)}")
-            edit = self.xp.erase(concepts, templates=templates, progress=False)
-            try:
-                for i, s in enumerate(seeds):
-                    progress((len(seeds) + 1 + i, 2 * len(seeds) + 1), desc="after")
-                    after.append((show(self.xp.generate(prompt, seed=s, progress=False).images[0]), f"seed {s}"))
-                folder = Path(tempfile.mkdtemp(dir=self.tmp))
-                edit.save(folder / "adapter")
-                info = (f"erased {concepts} (closed form, rank {edit.rank}, {edit.edit_time_s:.2f} s); "
-                        "the adapter is removed again after this request")
-            finally:
-                edit.remove()
+                progress((len(seeds) + 1 + i, 2 * len(seeds) + 1), desc="after")
+                after.append((show(self.xp.generate(prompt, seed=s, progress=False).images[0]), f"seed {s}"))
+            folder = Path(tempfile.mkdtemp(dir=self.tmp))
+            edit.save(folder / "adapter")
+            info = (f"erased {concepts} (closed form, rank {edit.rank}, {edit.edit_time_s:.2f} s); "
+                    "the adapter is removed again after this request")
+        finally:
+            edit.remove()
         zpath = shutil.make_archive(str(folder / ("erase_" + "_".join(concepts))), "zip", folder / "adapter")
         return before, after, zpath, info
 
@@ -406,12 +401,11 @@ class DemoApp:
         tweaks = [parse_tweak(s) for s in specs]
         seeds = parse_seeds(seeds_text)
         gallery = []
-        with self.lock:
-            for i, s in enumerate(seeds):
-                progress((i, len(seeds)), desc=f"seed {s}")
-                plain = self.xp.generate(prompt, seed=s, progress=False).images[0]
-                tweaked = self.xp.generate(prompt, seed=s, tweaks=tweaks, progress=False).images[0]
-                gallery += [(show(plain), f"plain, seed {s}"), (show(tweaked), f"tweaked, seed {s}")]
+        for i, s in enumerate(seeds):
+            progress((i, len(seeds)), desc=f"seed {s}")
+            plain = self.xp.generate(prompt, seed=s, progress=False).images[0]
+            tweaked = self.xp.generate(prompt, seed=s, tweaks=tweaks, progress=False).images[0]
+            gallery += [(show(plain), f"plain, seed {s}"), (show(tweaked), f"tweaked, seed {s}")]
         return gallery, f"{len(tweaks)} tweak(s): {'; '.join(specs)}"
 
     @readable_errors
@@ -432,8 +426,7 @@ class DemoApp:
             raise ValueError(f"this spec asks for {npid} PID runs; the demo runs at most {MAX_AUDIT_PID}")
         out = Path(tempfile.mkdtemp(prefix="audit_", dir=self.tmp))
         progress(0.05, desc=f"generating and judging {n} images")
-        with self.lock:
-            res = run_audit(spec, out, xp=self.xp, progress=False)
+        res = run_audit(spec, out, xp=self.xp, progress=False)
         progress(0.9, desc="report")
         summary = write_report(out, grids=False)
         page = (out / "report.html").read_text()

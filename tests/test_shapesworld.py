@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from diffusion_xai.shapesworld import scene as sw
 from diffusion_xai.shapesworld.oracle import degrade, judge, same_objects
@@ -104,8 +105,6 @@ def test_oracle_on_degraded_renders():
 def test_oracle_reads_small_soft_shapes(shape, sigma):
     # decoded samples round the corners of small shapes: a small disc blurred (then re-quantised by the
     # decoder) must still be a circle, and a small blurred square still a square
-    from scipy import ndimage
-
     obj = sw.ShapeObject(shape, "red", "small", "center", (32, 32),
                          sw.shape_mask(shape, (32, 32), sw.SIZE_RADIUS["small"]))
     img = sw.render([obj]).astype(np.float32)
@@ -118,19 +117,13 @@ def test_oracle_reads_small_soft_shapes(shape, sigma):
 def test_oracle_separates_touching_objects_of_different_colours():
     sq = sw.shape_mask("square", (26, 32), 7)
     ci = sw.shape_mask("circle", (39, 32), 7) & ~sq
-    assert (ndimage_dilate(sq) & ci).any()  # they touch: one foreground region
+    assert (ndimage.binary_dilation(sq) & ci).any()  # they touch: one foreground region
     img = sw.render([sw.ShapeObject("square", "red", "small", "center", (26, 32), sq),
                      sw.ShapeObject("circle", "blue", "small", "center", (39, 32), ci)])
     assert [(o.shape, o.color) for o in judge(img)] == [("square", "red"), ("circle", "blue")]
     # the same outline in one colour is one object (no split without a colour boundary)
     one = sw.render([sw.ShapeObject("square", "red", "small", "center", (26, 32), sq | ci)])
     assert len(judge(one)) == 1
-
-
-def ndimage_dilate(m):
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(m)
 
 
 def test_oracle_rejects_bad_images():

@@ -168,14 +168,19 @@ def read_spec(out: str | Path) -> AuditSpec:
     return AuditSpec.from_dict(json.loads(row[0]))
 
 
-def load_rows(out: str | Path) -> list[dict]:
-    """Every image row of an audit folder, ordered by (prompt index, sample), JSON columns decoded."""
+def _select(out: str | Path, sql: str) -> list[dict]:
+    """Rows of a query on an audit folder's database, as dicts."""
     con = connect(Path(out) / "audit.db")
     con.row_factory = sqlite3.Row
     try:
-        rows = [dict(r) for r in con.execute("SELECT * FROM images ORDER BY prompt_index, sample")]
+        return [dict(r) for r in con.execute(sql)]
     finally:
         con.close()
+
+
+def load_rows(out: str | Path) -> list[dict]:
+    """Every image row of an audit folder, ordered by (prompt index, sample), JSON columns decoded."""
+    rows = _select(out, "SELECT * FROM images ORDER BY prompt_index, sample")
     for r in rows:
         r["labels"] = json.loads(r["labels"])
         r["detected"] = json.loads(r["detected"])
@@ -185,12 +190,7 @@ def load_rows(out: str | Path) -> list[dict]:
 
 def load_pid_rows(out: str | Path) -> list[dict]:
     """Every PID row of an audit folder, ordered by (entry, value, seed), scalars decoded."""
-    con = connect(Path(out) / "audit.db")
-    con.row_factory = sqlite3.Row
-    try:
-        rows = [dict(r) for r in con.execute("SELECT * FROM pid ORDER BY entry, value, seed")]
-    finally:
-        con.close()
+    rows = _select(out, "SELECT * FROM pid ORDER BY entry, value, seed")
     for r in rows:
         r["scalars"] = json.loads(r["scalars"])
     return rows

@@ -112,7 +112,7 @@ def _read(img: np.ndarray, m: np.ndarray) -> tuple[float, float, DetectedObject]
 def _colour_parts(labels: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
     """Connected single-colour parts (opened, holes filled, >= MIN_AREA pixels) of a region."""
     parts = []
-    for c in np.unique(labels[m]):
+    for c in np.flatnonzero(np.bincount(labels[m]) >= MIN_AREA):  # a part keeps >= MIN_AREA pixels of its colour
         pc = ndimage.binary_opening((labels == c) & m, iterations=1)
         comp, n = ndimage.label(pc, structure=np.ones((3, 3)))
         parts += [ndimage.binary_fill_holes(comp == k) for k in range(1, n + 1) if (comp == k).sum() >= MIN_AREA]
@@ -141,8 +141,9 @@ def judge(image) -> list[DetectedObject]:
             continue
         m = ndimage.binary_fill_holes(m)
         whole = _read(img, m)
-        parts = [_read(img, pm) for pm in _colour_parts(labels, m)]
-        if len(parts) >= 2 and min(p[2].confidence for p in parts) > whole[2].confidence:
+        masks = _colour_parts(labels, m)
+        parts = [_read(img, pm) for pm in masks] if len(masks) >= 2 else []
+        if parts and min(p[2].confidence for p in parts) > whole[2].confidence:
             found += parts  # touching objects of different colours, each fitting a shape better than the union
         else:
             found.append(whole)
