@@ -4,13 +4,18 @@
 
 Prompts "a circle", "a square", "a triangle", "a cross" (colour and size left out, so they come from
 :data:`~diffusion_xai.shapesworld.BIASES`: circles red 80%, triangles blue 60%, squares large 75%, crosses
-uniform). Three audits of the same prompts and seeds:
-- ``renders``: the ShapesWorld generator process itself, judged by the oracle (checks the audit machinery:
-  it must find the true shares);
+uniform). Audits of the same prompts:
+- ``renders``: the ShapesWorld generator process itself (exact truth: the injected shares), judged by the
+  oracle on ``--render-images`` images per prompt -- the acceptance check of the audit (within 5 points);
+- ``coverage``: ``--coverage-replicates`` more generator audits of ``--images`` images per prompt with
+  other seeds, pooled: how often the 95% Wilson intervals cover the truth, and each audit's largest error;
+- ``renders/diffusion``: the same renders (the first ``--render-diffusion-images`` of every prompt) judged
+  by the model itself (``DiffusionJudge``) -- the acceptance check of that judge (within 10 points);
 - ``oracle``: the model's images, judged by the ShapesWorld oracle;
 - ``diffusion``: the same images (read back from the oracle audit), judged by the model itself
   (``DiffusionJudge``, candidates "a {value} <shape>" of the image's own prompt), on the first
-  ``--diffusion-images`` images of every prompt.
+  ``--diffusion-images`` images of every prompt; its per-image agreement with the oracle is reported.
+The model audits measure the *model*: where its shares differ from the injected ones, both judges see it.
 For every (judge, shape, attribute, value): the true share, the measured share with its Wilson 95%
 interval, whether it covers the truth and the error in points. Summary per judge: the largest error,
 interval coverage, biases found where injected / where none was (chi-square p < 0.01), and throughput
@@ -30,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,7 +59,7 @@ SPEC = """
 name = "{name}"
 [generation]
 images_per_prompt = {images}
-seed = 100000
+seed = {seed}
 steps = 20
 guidance = {guidance}
 batch_size = 64
@@ -71,8 +77,10 @@ kind = "{judge}"
 """
 
 
-def make_spec(name: str, images: int, judge: str = "oracle", options: str = "", guidance: float = DEFAULT_GUIDANCE):
+def make_spec(name: str, images: int, judge: str = "oracle", options: str = "", guidance: float = DEFAULT_GUIDANCE,
+              seed: int = 100000):
     return parse_spec(SPEC.format(name=name, images=images, guidance=float(guidance), shapes=json.dumps(list(SHAPES)),
+                                  seed=seed,
                                   colors=json.dumps(list(COLORS)), sizes=json.dumps(list(SIZES)), judge=judge,
                                   options=options), f"{name}.toml")
 
@@ -107,13 +115,19 @@ def main() -> None:
     p.add_argument("--model", default=None, help="ShapesWorld pipeline folder (default: the embedded model)")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="a few images per prompt: checks the script end to end")
-    p.add_argument("--images", type=int, default=200, help="images per prompt (oracle)")
+    p.add_argument("--images", type=int, default=200, help="images per prompt (model audit, oracle)")
+    p.add_argument("--render-images", type=int, default=1000, help="images per prompt (generator audit, oracle)")
+    p.add_argument("--coverage-replicates", type=int, default=25,
+                   help="independent generator audits of --images images per prompt (other seeds), pooled to "
+                        "measure how often the Wilson intervals cover the truth")
+    p.add_argument("--render-diffusion-images", type=int, default=200,
+                   help="images per prompt (generator audit, judged by the model)")
     p.add_argument("--diffusion-images", type=int, default=50, help="images per prompt judged by the model")
     p.add_argument("--speedup", action="store_true", help="also time a 2-process run (accelerate launch)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale of the audited samples")
     a = p.parse_args()
     if a.quick:
-        a.images, a.diffusion_images = 8, 2
+        a.images, a.diffusion_images, a.render_images, a.render_diffusion_images, a.coverage_replicates = 8, 2, 8, 2, 2
     model_dir = a.model
     pipe = load_shapesworld_pipeline(model_dir)
     if a.device:
@@ -123,10 +137,33 @@ def main() -> None:
     results, summaries = [], []
 
     # 1. the generator process itself (the audit machinery must find the truth)
-    spec = make_spec("renders", a.images, guidance=a.guidance)
+    spec = make_spec("renders", a.render_images, guidance=a.guidance)
     t = time.perf_counter()
     run_audit(spec, tmp / "renders", generator=render_generator(), progress=False)
     r, s = compare("renders", summarize(spec, load_rows(tmp / "renders")), time.perf_counter() - t, None)
+    results += r
+    summaries.append(s)
+
+    # 1a. interval coverage: many independent generator audits of the model audit's size, pooled
+    cov_rows = []
+    for k in range(a.coverage_replicates):
+        cspec = make_spec(f"coverage{k}", a.images, guidance=a.guidance, seed=10**7 * (k + 1))
+        run_audit(cspec, tmp / f"coverage{k}", generator=render_generator(), progress=False)
+        cov_rows += compare("coverage", summarize(cspec, load_rows(tmp / f"coverage{k}")), 1.0, None)[0]
+    covered = sum(r["covered"] for r in cov_rows)
+    coverage = None if not cov_rows else {
+        "replicates": a.coverage_replicates, "images_per_prompt": a.images, "intervals": len(cov_rows),
+        "covered": covered, "coverage": covered / len(cov_rows),
+        "max_err_points_per_replicate": [max(r["err_points"] for r in cov_rows[i:i + len(cov_rows) // a.coverage_replicates])
+                                         for i in range(0, len(cov_rows), len(cov_rows) // a.coverage_replicates)]}
+
+    # 1b. the generator's renders judged by the model itself (the judge must find the truth too)
+    rspec = make_spec("renders_diffusion", a.render_diffusion_images, "diffusion",
+                      "options = {seed = 0, from_prompt = true}", guidance=a.guidance)
+    t = time.perf_counter()
+    run_audit(rspec, tmp / "renders_diffusion", xp=xp, generator=render_generator(), progress=True)
+    t_rj = time.perf_counter() - t
+    r, s = compare("renders/diffusion", summarize(rspec, load_rows(tmp / "renders_diffusion")), t_rj, t_rj)
     results += r
     summaries.append(s)
 
@@ -154,11 +191,16 @@ def main() -> None:
                    t_judge + gen_per_image * a.diffusion_images * len(SHAPES), t_judge)
     results += r
     summaries.append(s)
+    oracle_rows = {(r["prompt_index"], r["sample"]): r["labels"] for r in load_rows(tmp / "oracle")}
+    judged = load_rows(tmp / "diffusion")
+    agreement = {attr: sum(r["labels"][attr] == oracle_rows[(r["prompt_index"], r["sample"])][attr] for r in judged)
+                 / len(judged) for attr in ("color", "size")}
 
     speed = None
     if a.speedup:
         f = tmp / "speed.toml"
-        f.write_text(SPEC.format(name="speed", images=a.images, guidance=float(a.guidance), shapes=json.dumps(list(SHAPES)),
+        f.write_text(SPEC.format(name="speed", images=a.images, guidance=float(a.guidance), seed=100000,
+                                 shapes=json.dumps(list(SHAPES)),
                                  colors=json.dumps(list(COLORS)), sizes=json.dumps(list(SIZES)), judge="oracle",
                                  options=""))
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -180,12 +222,24 @@ def main() -> None:
                                     "covered", "n")} for r in main_rows], "injected biases (and the control)"))
     print()
     print(table(summaries, "audit summary per judge"))
+    if coverage:
+        errs = coverage["max_err_points_per_replicate"]
+        print(f"\ninterval coverage over {coverage['replicates']} independent generator audits of "
+              f"{coverage['images_per_prompt']} images per prompt: {coverage['covered']}/{coverage['intervals']} "
+              f"= {coverage['coverage']:.3f} (nominal 0.95); largest error per audit: median {np.median(errs):.1f}, "
+              f"max {max(errs):.1f} points; audits with every share within 5 points: "
+              f"{sum(e <= 5 for e in errs)}/{len(errs)}")
+    print("\nDiffusionJudge vs oracle on the model's images, per-image agreement: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
     if speed:
         print(f"\n2 processes: {speed['two_process_s']:.1f} s vs 1 process {speed['one_process_s']:.1f} s: "
               f"speed-up {speed['speedup']:.2f}x, rows equal: {speed['rows_equal']}")
     path = write_json("audit", {"model": str(model_dir or "embedded"), "quick": a.quick, "guidance": a.guidance,
                                 "images_per_prompt": a.images,
-                                "diffusion_images_per_prompt": a.diffusion_images, "summary": summaries,
+                                "diffusion_images_per_prompt": a.diffusion_images,
+                                "render_images_per_prompt": a.render_images,
+                                "render_diffusion_images_per_prompt": a.render_diffusion_images,
+                                "judge_agreement_on_model_images": agreement, "coverage": coverage, "summary": summaries,
                                 "shares": results, "speedup": speed, "folder": str(tmp)})
     print(f"wrote {path}")
 

@@ -13,11 +13,13 @@ Both image and caption are exact renders of the generator (no model samples).
 
 Reported per split: detection AUROC of the consistency score (inconsistent = positive, ranked by
 ``1 - score``), accuracy at the decision threshold, word accuracy (top word in the ground-truth words;
-also for the single-image word score without the edit contrast), mIoU of the final binary region vs the
-ground-truth mask on the inconsistent pairs (also of step 2's initial region), UNet evaluations and
-seconds per pair. Tuning: the consistency threshold (best balanced accuracy) and the final mask threshold
-(best mIoU, from the stored soft masks) are chosen on the ``tune`` split only; the ``held-out`` split is
-never looked at while tuning and is reported with the tuned values. Writes
+``word_acc`` with the default word score, the image alone, ``word_acc_con`` with the image-vs-edit
+contrast), mIoU of the final binary region vs the ground-truth mask on the inconsistent pairs
+(``mIoU``: refined, the default; ``mIoU_unref``: the latent-resolution mask before the refinement, with
+its own tuned threshold; ``mIoU_init``: step 2's initial region at 0.3), UNet evaluations and seconds
+per pair. Tuning: the consistency threshold (best balanced accuracy) and the final mask thresholds (best
+mIoU, from the stored soft masks) are chosen on the ``tune`` split only; the ``held-out`` split is never
+looked at while tuning and is reported with the tuned values. Writes
 benchmarks/results/inconsistency.json.
 """
 
@@ -39,6 +41,7 @@ from diffusion_xai.inconsistency import (  # noqa: E402
     DEFAULT_ALIGN_STEPS,
     DEFAULT_FINAL_THRESHOLD,
     DEFAULT_LR,
+    DEFAULT_REFINE_TOLERANCE,
     DEFAULT_THRESHOLD,
     localize_inconsistency,
     save_thresholds,
@@ -124,7 +127,7 @@ def best_threshold(scores, labels) -> float:
     return best_t
 
 
-def evaluate(records: list[dict], threshold: float, mask_threshold: float) -> dict:
+def evaluate(records: list[dict], threshold: float, mask_threshold: float, raw_threshold: float) -> dict:
     inc = [r for r in records if r["kind"] != "consistent"]
     con = [r for r in records if r["kind"] == "consistent"]
     acc = np.mean([(r["score"] >= threshold) == (r["kind"] == "consistent") for r in records])
@@ -133,8 +136,10 @@ def evaluate(records: list[dict], threshold: float, mask_threshold: float) -> di
         "AUROC": auroc([1 - r["score"] for r in inc], [1 - r["score"] for r in con]),
         "acc@thr": float(acc),
         "word_acc": float(np.mean([r["word"] in r["gt_words"] for r in inc])) if inc else float("nan"),
-        "word_acc_img": float(np.mean([r["word_image"] in r["gt_words"] for r in inc])) if inc else float("nan"),
+        "word_acc_con": float(np.mean([r["word_contrast"] in r["gt_words"] for r in inc])) if inc else float("nan"),
         "mIoU": float(np.mean([iou(r["soft"] >= mask_threshold, r["gt_mask"]) for r in inc])) if inc else float("nan"),
+        "mIoU_unref": float(np.mean([iou(r["raw_soft"] >= raw_threshold, r["gt_mask"]) for r in inc]))
+        if inc else float("nan"),
         "mIoU_init": float(np.mean([iou(r["init_soft"] >= 0.3, r["gt_mask"]) for r in inc])) if inc else float("nan"),
         "evals/pair": float(np.mean([r["unet_evals"] for r in records])),
         "s/pair": float(np.mean([r["seconds"] for r in records])),
@@ -149,8 +154,9 @@ def run_split(xp, pairs: list[dict], kw: dict, desc: str) -> list[dict]:
         res = localize_inconsistency(xp, p["image"], p["caption"], progress=False, **kw)
         out.append(dict(kind=p["kind"], seed=p["seed"], caption=p["caption"], gt_words=sorted(p["words"]),
                         score=res.score, word=res.word,
-                        word_image=res.words[int(np.argmax(res.word_scores_image))],
+                        word_contrast=res.words[int(np.argmax(res.word_scores_contrast))],
                         word_scores=res.word_score_dict(), soft=res.mask_soft.numpy(),
+                        raw_soft=res.mask_soft_unrefined.numpy(),
                         init_soft=res.initial_mask_soft.numpy(),
                         gt_mask=p["mask"] if p["mask"] is not None else np.zeros((64, 64), bool),
                         unet_evals=res.unet_evals, seconds=res.seconds))
@@ -189,36 +195,39 @@ def main(argv=None) -> int:
     tune = recs["tune"]
     thr = best_threshold([r["score"] for r in tune], [r["kind"] != "consistent" for r in tune])
     inc_tune = [r for r in tune if r["kind"] != "consistent"]
-    mthr = max(MASK_GRID, key=lambda t: np.mean([iou(r["soft"] >= t, r["gt_mask"]) for r in inc_tune])) \
-        if inc_tune else DEFAULT_FINAL_THRESHOLD
+    def fit(key):
+        return float(max(MASK_GRID, key=lambda t: np.mean([iou(r[key] >= t, r["gt_mask"]) for r in inc_tune]))) \
+            if inc_tune else DEFAULT_FINAL_THRESHOLD
+    mthr, rthr = fit("soft"), fit("raw_soft")
 
     rows = []
     for name, rs in recs.items():
-        rows.append({"split": name, "setting": "defaults", **evaluate(rs, DEFAULT_THRESHOLD, DEFAULT_FINAL_THRESHOLD)})
-        rows.append({"split": name, "setting": "tuned", **evaluate(rs, thr, float(mthr))})
+        rows.append({"split": name, "setting": "defaults",
+                     **evaluate(rs, DEFAULT_THRESHOLD, DEFAULT_FINAL_THRESHOLD, DEFAULT_FINAL_THRESHOLD)})
+        rows.append({"split": name, "setting": "tuned", **evaluate(rs, thr, mthr, rthr)})
     kind_rows = []
     for kind in KINDS[1:]:
         rs = [r for r in recs["held-out"] if r["kind"] == kind]
         if rs:
-            e = evaluate(rs, thr, float(mthr))
+            e = evaluate(rs, thr, mthr, rthr)
             kind_rows.append({"held-out kind": kind, "pairs": len(rs), "word_acc": e["word_acc"], "mIoU": e["mIoU"],
                               "detected": float(np.mean([r["score"] < thr for r in rs]))})
     title = (f"D-TIIL on ShapesWorld ({steps} alignment steps x {a.align_batch}; tuned on 'tune': "
-             f"consistency threshold {thr:.6f}, final mask threshold {float(mthr):.2f})")
+             f"consistency threshold {thr:.6f}, final mask threshold {mthr:.2f}, unrefined {rthr:.2f})")
     print(table(rows, title))
     if kind_rows:
         print()
         print(table(kind_rows, "held-out, per kind of contradiction (tuned thresholds)"))
-    strip = ("soft", "init_soft", "gt_mask")
+    strip = ("soft", "raw_soft", "init_soft", "gt_mask")
     path = write_json("inconsistency", {
         "model": a.model, "quick": a.quick, "settings": {**kw, "defaults": {
             "threshold": DEFAULT_THRESHOLD, "final_threshold": DEFAULT_FINAL_THRESHOLD}},
-        "tuned": {"threshold": thr, "final_threshold": float(mthr)}, "rows": rows, "per_kind": kind_rows,
+        "tuned": {"threshold": thr, "final_threshold": mthr, "final_threshold_unrefined": rthr}, "rows": rows, "per_kind": kind_rows,
         "seconds": time.perf_counter() - t0,
         "pairs": {name: [{k: v for k, v in r.items() if k not in strip} for r in rs] for name, rs in recs.items()}})
     print(f"wrote {path}")
     if a.save_calibration:
-        cal = save_thresholds(a.model, steps, a.align_batch, DEFAULT_LR, thr, float(mthr),
+        cal = save_thresholds(a.model, steps, a.align_batch, DEFAULT_LR, thr, mthr, DEFAULT_REFINE_TOLERANCE,
                               fitted_on=f"benchmarks/inconsistency.py tune split ({n_tune} pairs, seed {a.seed})",
                               held_out_auroc=next(r["AUROC"] for r in rows
                                                   if r["split"] == "held-out" and r["setting"] == "tuned"))

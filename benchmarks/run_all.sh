@@ -20,7 +20,7 @@ lane_a() {
 lane_b() {
   run inconsistency benchmarks/inconsistency.py --tune 40 --test 40 --save-calibration
   run tweaks benchmarks/tweaks.py --held-out tuned --multi 3 --tune-samples 40 --samples 200
-  run audit benchmarks/audit.py --images 200 --diffusion-images 50 --speedup
+  run audit benchmarks/audit.py --images 200 --diffusion-images 50 --render-images 1000 --render-diffusion-images 200 --speedup
   run pid benchmarks/pid.py --source rendered --images 60 --synonym-images 32 --bias-images 16 --samples 50
   run pid_generated benchmarks/pid.py --source generated --images 50 --synonym-images 16 --bias-images 8 --samples 50 --name pid_generated
 }

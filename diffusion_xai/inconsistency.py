@@ -28,7 +28,15 @@ Steps (``METHODS.md`` section 4), all through the wrapper's primitives (``encode
    the decoded result is pasted into the original image inside those cells, so pixels outside are exact.
    ``result.inpainting`` says which was used.
 4. **Re-align** on the edited image, from ``E_txt`` with the same seeds as step 1 -> ``E_dnt``; the final
-   mask is step 2's procedure with ``E_algn`` vs ``E_dnt`` on the original image, at ``final_threshold``.
+   soft mask is step 2's procedure with ``E_algn`` vs ``E_dnt`` on the original image.
+   **Refine** (``refine_tolerance``, default 30; None skips it): the latent-resolution map is snapped to the
+   pixels. Neighbouring pixels (4-connectivity) are joined when their RGB colours differ by less than the
+   tolerance (Euclidean, 0..255 scale) in the image *and* in the edited image; the soft mask is averaged
+   over every connected region so joined and min-max normalised again (:func:`refine_mask`). A region is
+   thus one patch that is uniform in what the image shows and in what the caption asked for, and takes
+   its mean evidence. The binary mask is the refined soft mask at ``final_threshold``. Costs no UNet
+   evaluation. On ShapesWorld's tuning split it raised the mIoU from 0.47 to 0.6 (``benchmarks/
+   inconsistency.py``); on textured photographs most regions are a few pixels and it changes little.
 5. **Word.** The model itself scores every content word ``w`` (not a function word, see
    :data:`FUNCTION_WORDS`) inside the final soft mask ``m`` (downsampled to latents, used as weights).
    With ``err(z, c) = E_{t, eps} sum_p m_p ||eps - eps_hat(z_t, t, c)||^2_p / sum_p m_p``::
@@ -39,9 +47,12 @@ Steps (``METHODS.md`` section 4), all through the wrapper's primitives (``encode
    contradicts the image makes its denoising worse than the caption without it, and better on the
    text-consistent edit; the second bracket cancels what deleting the word does to any image (e.g. a
    caption without a noun). All conditions and both images share the ``(t, eps)`` samples
-   (``t`` evenly spaced over the middle of the schedule). ``word_scores_image`` holds the first bracket alone.
-   The word is the argmax; ``inconsistent_words`` are those scoring at least ``word_ratio`` times the top
-   score (when the pair is judged inconsistent and the top score is > 0).
+   (``t`` evenly spaced over the middle of the schedule). ``word_score="image"`` (the default) ranks
+   words by the first bracket alone (``word_scores_image``), ``"contrast"`` by the difference
+   (``word_scores_contrast``); ``word_scores`` holds the chosen one. The default was chosen on the
+   ShapesWorld benchmark's tuning split (word accuracy 0.83 vs 0.77): the edit is not always faithful,
+   and its bracket then adds noise. The word is the argmax; ``inconsistent_words`` are those scoring at
+   least ``word_ratio`` times the top score (when the pair is judged inconsistent and the top score is > 0).
 6. **Score.** ``consistency = clamp(cos(E_algn, E_txt), 0, 1)`` over all token rows but BOS (which carries no
    prompt information), flattened. The pair is consistent when ``consistency >= threshold``. The raw
    cosine is close to 1 for every pair (Adam moves each coordinate by at most ``lr`` per step); what
@@ -83,6 +94,9 @@ DEFAULT_MASK_SEEDS = 10
 DEFAULT_MASK_THRESHOLD = 0.15  # step 2 (edit region), paper default
 DEFAULT_FINAL_THRESHOLD = 0.3  # step 4 (final region), paper default
 DEFAULT_BLUR_SIGMA = 0.5  # latent pixels
+DEFAULT_REFINE_TOLERANCE = 30.0  # RGB distance (0..255) under which neighbouring pixels share a region
+WORD_SCORES = ("image", "contrast")
+DEFAULT_WORD_SCORE = "image"
 # Consistency decision on the cosine score when the model folder has no calibration for the call's alignment
 # settings (see calibration_key). It depends on align_steps, align_batch and lr (the drift grows with them);
 # this value was set by hand for ShapesWorld (an early checkpoint, between the scores of "a red circle" and
@@ -152,6 +166,41 @@ def region_mask(difference: torch.Tensor, size: tuple[int, int], blur_sigma: flo
     return soft, soft >= threshold
 
 
+def refine_mask(soft: torch.Tensor, image, edited, tolerance: float) -> torch.Tensor:
+    """Snap a soft mask to image regions (the *Refine* step of the module docstring).
+
+    Args:
+        soft: (H, W) soft mask.
+        image, edited: PIL images or (H, W, 3) arrays of the same size as ``soft``.
+        tolerance: largest RGB distance (0..255 scale) between neighbours of one region, > 0.
+    Returns:
+        (H, W) float32 in [0, 1]: the mean of ``soft`` over every region, min-max normalised.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a = np.asarray(image, dtype=np.float64)[..., :3]
+    b = np.asarray(edited, dtype=np.float64)[..., :3]
+    H, W = soft.shape
+    if a.shape[:2] != (H, W) or b.shape[:2] != (H, W):
+        raise ValueError(f"refine_mask: image {a.shape[:2]} and edited {b.shape[:2]} must be the mask's size {(H, W)}")
+    idx = np.arange(H * W).reshape(H, W)
+    rows, cols = [], []
+    for sl_a, sl_b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                       ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+        near = np.ones(idx[sl_a].shape, bool)
+        for im in (a, b):
+            near &= np.linalg.norm(im[sl_a] - im[sl_b], axis=-1) < tolerance
+        rows.append(idx[sl_a][near])
+        cols.append(idx[sl_b][near])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(r.size, bool), (r, c)), shape=(H * W, H * W))
+    n, labels = connected_components(graph, directed=False)
+    s = soft.double().flatten().numpy()
+    means = np.bincount(labels, weights=s, minlength=n) / np.bincount(labels, minlength=n)
+    return normalize(torch.from_numpy(means[labels].reshape(H, W))).float()
+
+
 def latent_cells(mask: torch.Tensor, scale: int) -> torch.Tensor:
     """(h, w) bool: latent cells (``scale`` x ``scale`` pixel blocks) that hold any pixel of an (H, W) mask."""
     return F.max_pool2d(mask.float()[None, None], scale)[0, 0] > 0
@@ -169,13 +218,15 @@ def calibration_key(align_steps: int, align_batch: int, lr: float) -> str:
 
 
 def save_thresholds(folder, align_steps: int, align_batch: int, lr: float, threshold: float,
-                    final_threshold: float, **info) -> Path:
+                    final_threshold: float, refine_tolerance: float | None = DEFAULT_REFINE_TOLERANCE, **info) -> Path:
     """Store fitted decision and final-mask thresholds for these alignment settings with the model (in
-    ``folder/inconsistency_calibration.json``); calls with the same settings then use them by default."""
+    ``folder/inconsistency_calibration.json``); calls with the same settings then use them by default
+    (the final-mask threshold only when they also refine with the same ``refine_tolerance``)."""
     _check_unit("threshold", threshold)
     _check_unit("final_threshold", final_threshold)
     return save_entry(folder, CALIBRATION_FILE, calibration_key(align_steps, align_batch, lr),
-                      threshold=float(threshold), final_threshold=float(final_threshold), **info)
+                      threshold=float(threshold), final_threshold=float(final_threshold),
+                      refine_tolerance=None if refine_tolerance is None else float(refine_tolerance), **info)
 
 
 def load_thresholds(xp, align_steps: int = DEFAULT_ALIGN_STEPS, align_batch: int = DEFAULT_ALIGN_BATCH,
@@ -208,11 +259,12 @@ class InconsistencyResult:
             threshold (consistent when ``score >= threshold``).
         words: the content words of the caption, in order; ``word_indices``: their indices in
             ``split_words(text)``; ``word_scores``: the model's inconsistency score of each (higher =
-            more inconsistent, see the module docstring); ``word_scores_image``: the same on the given
-            image alone (without the edited-image contrast).
+            more inconsistent), by ``params["word_score"]``: ``word_scores_image`` (the given image
+            alone) or ``word_scores_contrast`` (image minus edited image); see the module docstring.
         word_ratio: share of the top score a word needs to be listed in ``inconsistent_words``.
-        mask_soft: (H, W) float32 in [0, 1], the final region (``E_algn`` vs ``E_dnt``); ``mask``: (H, W)
-            bool, ``mask_soft >= final_threshold``.
+        mask_soft: (H, W) float32 in [0, 1], the final region (``E_algn`` vs ``E_dnt``, refined unless
+            ``refine_tolerance`` was None); ``mask``: (H, W) bool, ``mask_soft >= final_threshold``;
+            ``mask_soft_unrefined``: the same map before the refinement.
         initial_mask_soft: (H, W) float32, step 2's map (``E_algn`` vs ``E_txt``) that chose the edit region.
         edit_region: (H, W) bool, the pixels the edit regenerated.
         embeddings: (3, L, D) float32: ``E_txt``, ``E_algn``, ``E_dnt``.
@@ -231,8 +283,10 @@ class InconsistencyResult:
     word_indices: list[int]
     word_scores: list[float]
     word_scores_image: list[float]
+    word_scores_contrast: list[float]
     mask_soft: torch.Tensor = field(repr=False)
     mask: torch.Tensor = field(repr=False)
+    mask_soft_unrefined: torch.Tensor = field(repr=False)
     initial_mask_soft: torch.Tensor = field(repr=False)
     edit_region: torch.Tensor = field(repr=False)
     embeddings: torch.Tensor = field(repr=False)
@@ -327,7 +381,8 @@ class InconsistencyResult:
         return {"text": self.text, "score": self.score, "threshold": self.threshold, "consistent": self.consistent,
                 "word": self.word, "inconsistent_words": self.inconsistent_words, "words": self.words,
                 "word_indices": self.word_indices, "word_scores": self.word_scores,
-                "word_scores_image": self.word_scores_image, "word_ratio": self.word_ratio,
+                "word_scores_image": self.word_scores_image, "word_scores_contrast": self.word_scores_contrast,
+                "word_ratio": self.word_ratio,
                 "mask_area": float(self.mask.float().mean()), "image_size": [self.image.height, self.image.width],
                 "inpainting": self.inpainting, "params": self.params, "unet_evals": self.unet_evals,
                 "seconds": self.seconds}
@@ -336,6 +391,7 @@ class InconsistencyResult:
         """Write tensors (safetensors), metadata (JSON), ``image.png``, ``edited.png`` and ``mask.png``."""
         folder = Path(folder)
         tensors = {"mask_soft": self.mask_soft, "mask": self.mask.to(torch.uint8),
+                   "mask_soft_unrefined": self.mask_soft_unrefined,
                    "initial_mask_soft": self.initial_mask_soft, "edit_region": self.edit_region.to(torch.uint8),
                    "embeddings": self.embeddings, "align_loss": self.align_loss, "realign_loss": self.realign_loss}
         save_result(folder, tensors, self.to_dict(), kind="inconsistency")
@@ -352,7 +408,8 @@ class InconsistencyResult:
                    edited_image=Image.open(folder / "edited.png").convert("RGB"), text=meta["text"],
                    score=meta["score"], threshold=meta["threshold"], words=meta["words"],
                    word_indices=meta["word_indices"], word_scores=meta["word_scores"],
-                   word_scores_image=meta["word_scores_image"], mask_soft=t["mask_soft"], mask=t["mask"].bool(),
+                   word_scores_image=meta["word_scores_image"], word_scores_contrast=meta["word_scores_contrast"],
+                   mask_soft=t["mask_soft"], mask=t["mask"].bool(), mask_soft_unrefined=t["mask_soft_unrefined"],
                    initial_mask_soft=t["initial_mask_soft"], edit_region=t["edit_region"].bool(),
                    embeddings=t["embeddings"], align_loss=t["align_loss"], realign_loss=t["realign_loss"],
                    inpainting=meta["inpainting"], word_ratio=meta["word_ratio"], params=meta["params"],
@@ -520,6 +577,8 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
                            strength: float = DEFAULT_STRENGTH,
                            num_mask_seeds: int = DEFAULT_MASK_SEEDS, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
                            final_threshold: float | None = None, blur_sigma: float = DEFAULT_BLUR_SIGMA,
+                           refine_tolerance: float | None = DEFAULT_REFINE_TOLERANCE,
+                           word_score: str = DEFAULT_WORD_SCORE,
                            threshold: float | None = None, word_samples: int = DEFAULT_WORD_SAMPLES,
                            word_ratio: float = DEFAULT_WORD_RATIO, inpaint_pipeline=None,
                            num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -537,8 +596,12 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
         num_mask_seeds: noises averaged in each mask.
         mask_threshold: threshold of step 2's soft mask (the edit region), in [0, 1] (default 0.15).
         final_threshold: threshold of the final soft mask, in [0, 1]; None: the model's calibration for
-            these alignment settings (:func:`load_thresholds`), else 0.3 (the paper's).
+            these alignment settings and this ``refine_tolerance`` (:func:`load_thresholds`), else 0.3
+            (the paper's).
         blur_sigma: Gaussian blur of the masks in latent pixels (>= 0).
+        refine_tolerance: RGB distance (0..255, > 0) of the *Refine* step (:func:`refine_mask`); None: the
+            final mask stays at latent resolution (upsampled and blurred, as the paper's).
+        word_score: "image" (default) or "contrast": which word score picks the word (module docstring).
         threshold: consistency decision threshold in [0, 1]: consistent when ``score >= threshold``; None: the
             model's calibration for these alignment settings, else ``DEFAULT_THRESHOLD``.
         word_samples: (t, noise) samples of the word scores; ``word_ratio``: see ``inconsistent_words``.
@@ -564,8 +627,9 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
     threshold_source = "argument" if threshold is not None else ("calibration" if calib else "default")
     if threshold is None:
         threshold = calib["threshold"] if calib else DEFAULT_THRESHOLD
-    if final_threshold is None:
-        final_threshold = calib["final_threshold"] if calib else DEFAULT_FINAL_THRESHOLD
+    if final_threshold is None:  # a stored mask threshold holds only for the refinement it was fitted with
+        fits = calib and calib.get("refine_tolerance") == (None if refine_tolerance is None else float(refine_tolerance))
+        final_threshold = calib["final_threshold"] if fits else DEFAULT_FINAL_THRESHOLD
     for name, v in (("mask_threshold", mask_threshold), ("final_threshold", final_threshold),
                     ("threshold", threshold), ("word_ratio", word_ratio)):
         _check_unit(name, v)
@@ -580,6 +644,11 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, (int, float)) or not 0 <= blur_sigma < 1e3:
         raise ValueError(f"blur_sigma must be a number >= 0 (latent pixels), got {blur_sigma!r}")
+    if refine_tolerance is not None and (isinstance(refine_tolerance, bool) or not isinstance(refine_tolerance, (int, float))
+                                         or not 0 < refine_tolerance <= 442):
+        raise ValueError(f"refine_tolerance must be None or an RGB distance in (0, 442], got {refine_tolerance!r}")
+    if word_score not in WORD_SCORES:
+        raise ValueError(f"word_score must be one of {', '.join(WORD_SCORES)}, got {word_score!r}")
     if inpaint_pipeline is not None and not callable(inpaint_pipeline):
         raise TypeError(f"inpaint_pipeline must be a diffusers inpainting pipeline, got "
                         f"{type(inpaint_pipeline).__name__}")
@@ -629,7 +698,9 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
         z_edit = xp.encode_image(edited)
         e_dnt, loss2 = align_embedding(xp, z_edit, e_txt, align_steps, lr, align_batch, seed, align_t_range, bar)
         d1 = difference_map(xp, z0, e_algn, e_dnt, t_mask, mask_noise)
-        soft, binary = region_mask(d1, size, blur_sigma, final_threshold, f)
+        raw, _ = region_mask(d1, size, blur_sigma, final_threshold, f)
+        soft = raw.clone() if refine_tolerance is None else refine_mask(raw, image, edited, float(refine_tolerance))
+        binary = soft >= final_threshold
         bar.update(1)
         # 5. words
         bar.set_postfix_str("words")
@@ -643,7 +714,9 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
     params = dict(align_steps=align_steps, lr=float(lr), align_batch=align_batch,
                   align_t_range=[float(v) for v in align_t_range], strength=float(strength),
                   mask_timestep=t_mask, num_mask_seeds=num_mask_seeds, mask_threshold=float(mask_threshold),
-                  final_threshold=float(final_threshold), blur_sigma=float(blur_sigma), word_samples=word_samples,
+                  final_threshold=float(final_threshold), blur_sigma=float(blur_sigma),
+                  refine_tolerance=None if refine_tolerance is None else float(refine_tolerance),
+                  word_score=word_score, word_samples=word_samples,
                   threshold_source=threshold_source,
                   num_inference_steps=num_inference_steps or xp.default_steps,
                   guidance_scale=float(xp.default_guidance if guidance_scale is None else guidance_scale),
@@ -651,14 +724,14 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
     return InconsistencyResult(
         image=image, edited_image=edited, text=text, score=score, threshold=float(threshold),
         words=[w for _, w in cw], word_indices=[i for i, _ in cw],
-        word_scores=[float(v) for v in (d[0] - d[1])], word_scores_image=[float(v) for v in d[0]],
-        mask_soft=soft, mask=binary, initial_mask_soft=init_soft, edit_region=region,
+        word_scores=[float(v) for v in (d[0] if word_score == "image" else d[0] - d[1])],
+        word_scores_image=[float(v) for v in d[0]], word_scores_contrast=[float(v) for v in (d[0] - d[1])],
+        mask_soft=soft, mask=binary, mask_soft_unrefined=raw, initial_mask_soft=init_soft, edit_region=region,
         embeddings=torch.cat([e_txt.embeds.float().cpu(), e_algn.embeds.cpu(), e_dnt.embeds.cpu()]),
         align_loss=loss1, realign_loss=loss2, inpainting=how, word_ratio=float(word_ratio), params=params,
         unet_evals=xp.unet_evals - evals0, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["DEFAULT_THRESHOLD", "FUNCTION_WORDS", "InconsistencyResult", "align_embedding", "calibration_key",
-           "content_words", "load_thresholds", "save_thresholds",
-           "difference_map", "gaussian_blur", "latent_cells", "localize_inconsistency", "normalize", "region_mask",
-           "word_scores"]
+__all__ = ["DEFAULT_REFINE_TOLERANCE", "DEFAULT_THRESHOLD", "DEFAULT_WORD_SCORE", "FUNCTION_WORDS", "InconsistencyResult", "align_embedding", "calibration_key",
+           "content_words", "load_thresholds", "save_thresholds", "difference_map", "gaussian_blur", "latent_cells",
+           "localize_inconsistency", "normalize", "refine_mask", "region_mask", "word_scores"]

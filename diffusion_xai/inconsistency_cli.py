@@ -33,6 +33,11 @@ def register(subparsers) -> None:
                    help="final-region threshold (default: the model's calibration for the alignment settings, "
                         f"else {inc.DEFAULT_FINAL_THRESHOLD})")
     p.add_argument("--blur", type=float, default=inc.DEFAULT_BLUR_SIGMA, help="mask blur sigma in latent pixels")
+    p.add_argument("--refine-tolerance", type=float, default=inc.DEFAULT_REFINE_TOLERANCE,
+                   help="RGB distance (0..255) of the pixel refinement of the final mask "
+                        f"(default {inc.DEFAULT_REFINE_TOLERANCE:g}; 0 turns it off)")
+    p.add_argument("--word-score", choices=inc.WORD_SCORES, default=inc.DEFAULT_WORD_SCORE,
+                   help=f"which word score picks the word (default {inc.DEFAULT_WORD_SCORE})")
     p.add_argument("--threshold", type=float, default=None,
                    help="consistency decision threshold (default: the model's calibration for the alignment "
                         f"settings, stored by benchmarks/inconsistency.py, else {inc.DEFAULT_THRESHOLD})")
@@ -77,7 +82,8 @@ def cmd_localize(a) -> int:
     res = inc.localize_inconsistency(
         xp, image, a.caption, align_steps=a.align_steps, lr=a.lr, align_batch=a.align_batch, strength=a.strength,
         num_mask_seeds=a.mask_seeds, mask_threshold=a.mask_threshold, final_threshold=a.final_threshold,
-        blur_sigma=a.blur, threshold=a.threshold, word_samples=a.word_samples, inpaint_pipeline=inpaint,
+        blur_sigma=a.blur, refine_tolerance=a.refine_tolerance or None, word_score=a.word_score,
+        threshold=a.threshold, word_samples=a.word_samples, inpaint_pipeline=inpaint,
         num_inference_steps=a.steps, guidance_scale=a.guidance, seed=a.seed, progress=not a.no_progress)
     out = Path(a.out)
     res.save(out / "result")

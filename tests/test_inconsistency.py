@@ -117,11 +117,16 @@ def test_thresholds_stored_with_the_model_apply_to_matching_settings_only(tiny, 
     old = xp.pipe.config.get("_name_or_path")
     xp.pipe.register_to_config(_name_or_path=str(tmp_path))
     try:
-        assert load_thresholds(xp, 3, 1, 1e-3) == {"threshold": 0.25, "final_threshold": 0.6, "pairs": 8}
+        assert load_thresholds(xp, 3, 1, 1e-3) == {"threshold": 0.25, "final_threshold": 0.6,
+                                                    "refine_tolerance": 30.0, "pairs": 8}
         cal = localize_inconsistency(xp, _square_image(), "a blue circle", **FAST)
         assert cal.threshold == 0.25 and cal.params["final_threshold"] == 0.6
         assert cal.params["threshold_source"] == "calibration"
         assert torch.equal(cal.mask, cal.mask_soft >= 0.6) and cal.consistent == (cal.score >= 0.25)
+        # the mask threshold was fitted on refined masks: without refinement only the decision threshold holds
+        raw = localize_inconsistency(xp, _square_image(), "a blue circle", refine_tolerance=None, **FAST)
+        assert raw.threshold == 0.25 and raw.params["final_threshold"] == DEFAULT_FINAL_THRESHOLD
+        assert torch.equal(raw.mask_soft, raw.mask_soft_unrefined)
         # other alignment settings were not calibrated: the documented defaults
         other = localize_inconsistency(xp, _square_image(), "a blue circle", **{**FAST, "align_steps": 2})
         assert other.threshold == DEFAULT_THRESHOLD and other.params["threshold_source"] == "default"
@@ -211,6 +216,11 @@ def test_bad_image_and_parameters(tiny):
         localize_inconsistency(xp, img, "a red square", **FAST, lr=-1.0)
     with pytest.raises(TypeError, match="inpaint_pipeline"):
         localize_inconsistency(xp, img, "a red square", **FAST, inpaint_pipeline="sd-inpaint")
+    for bad in (0, -5.0, 500.0, "30", True):
+        with pytest.raises(ValueError, match="refine_tolerance must be None or an RGB distance in \\(0, 442\\]"):
+            localize_inconsistency(xp, img, "a red square", **FAST, refine_tolerance=bad)
+    with pytest.raises(ValueError, match="word_score must be one of image, contrast, got 'both'"):
+        localize_inconsistency(xp, img, "a red square", **FAST, word_score="both")
     assert xp.unet_evals == 0, "bad input must be rejected before any UNet evaluation"
 
 
@@ -248,6 +258,49 @@ def test_region_mask_of_a_hot_cell():
     cells = latent_cells(binary, 8)
     assert cells[2, 5] and cells.sum() >= 1
     assert not cells[7, 0]
+
+
+def test_refine_mask_averages_over_regions_uniform_in_image_and_edit():
+    """Two flat squares on a flat background; the edit recolours one square. Regions: background, square A,
+    square B (the edit only changes B's colour, which stays uniform). A soft mask that is 1 on half of A and
+    on a few background pixels becomes: A = its mean over A, background = its mean over the background."""
+    from diffusion_xai.inconsistency import refine_mask
+
+    img = np.full((32, 32, 3), 255, np.uint8)
+    img[4:12, 4:12] = (200, 0, 0)  # A
+    img[20:28, 18:26] = (0, 0, 200)  # B
+    edited = img.copy()
+    edited[20:28, 18:26] = (0, 200, 0)
+    soft = torch.zeros(32, 32)
+    soft[4:8, 4:12] = 1.0  # half of A
+    soft[0, 0:4] = 1.0  # 4 background pixels
+    out = refine_mask(soft, img, edited, tolerance=30.0)
+    a_mean, bg_mean = 0.5, 4 / (32 * 32 - 128)
+    expect = torch.full((32, 32), bg_mean)
+    expect[4:12, 4:12] = a_mean
+    expect[20:28, 18:26] = 0.0
+    expect = (expect - expect.min()) / (expect.max() - expect.min())
+    torch.testing.assert_close(out, expect.float())
+    # a pixel split only in the edit splits the region: recolour one half of B in the edit
+    edited[20:24, 18:26] = (255, 255, 0)
+    soft2 = torch.zeros(32, 32)
+    soft2[20:24, 18:26] = 1.0
+    out2 = refine_mask(soft2, img, edited, tolerance=30.0)
+    assert out2[20:24, 18:26].eq(1).all() and out2[24:28, 18:26].eq(0).all()
+    with pytest.raises(ValueError, match="must be the mask's size"):
+        refine_mask(torch.zeros(16, 16), img, edited, 30.0)
+
+
+def test_word_score_choice(tiny):
+    xp = _xp(tiny)
+    img = _square_image()
+    a = localize_inconsistency(xp, img, "a red circle and a blue box", **FAST)
+    b = localize_inconsistency(xp, img, "a red circle and a blue box", **FAST, word_score="contrast")
+    assert a.params["word_score"] == "image" and b.params["word_score"] == "contrast"
+    assert a.word_scores == a.word_scores_image == b.word_scores_image
+    assert b.word_scores == b.word_scores_contrast == a.word_scores_contrast
+    assert a.word == a.words[int(np.argmax(a.word_scores_image))]
+    assert b.word == b.words[int(np.argmax(b.word_scores_contrast))]
 
 
 def test_word_scores_vanish_between_identical_images(tiny):
@@ -338,10 +391,12 @@ def test_cli_localize(tmp_path, capsys):
     out = tmp_path / "out"
     a = parser.parse_args(["localize", str(tmp_path / "in.png"), "a blue circle", "--model", "tiny-random",
                            "--align-steps", "2", "--mask-seeds", "2", "--word-samples", "2", "--steps", "2",
-                           "--out", str(out), "--no-progress"])
+                           "--out", str(out), "--no-progress", "--word-score", "contrast", "--refine-tolerance", "0"])
     assert a.func(a) == 0
     summary = json.loads((out / "localize.json").read_text())
     assert summary["words"] == ["blue", "circle"] and summary["params"]["align_steps"] == 2
+    assert summary["params"]["word_score"] == "contrast" and summary["params"]["refine_tolerance"] is None
+    assert summary["word_scores"] == summary["word_scores_contrast"]
     for f in summary["files"].values():
         assert Image.open(f).size[0] > 0
     assert Image.open(out / "mask.png").size == (32, 32)
