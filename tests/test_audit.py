@@ -111,6 +111,25 @@ def test_wilson_interval_known_values():
         wilson_interval(11, 10)
 
 
+@pytest.mark.parametrize("k,n", [(8, 10), (1, 10), (29, 200), (16, 200), (150, 200), (0, 30), (30, 30)])
+def test_continuity_corrected_wilson_bounds_solve_the_corrected_score_test(k, n):
+    """The corrected interval is {p : |k - n p| - 1/2 <= z sqrt(n p (1 - p))}: at each bound inside (0, 1)
+    the two sides are equal, just inside it holds, just outside it fails; it contains the plain interval."""
+    z = 1.959963984540054
+    lo, hi = wilson_interval(k, n, continuity=True)
+    plain = wilson_interval(k, n)
+    assert lo <= plain[0] and hi >= plain[1]
+
+    def gap(p):  # <= 0 inside the interval
+        return abs(k - n * p) - 0.5 - z * math.sqrt(n * p * (1 - p))
+
+    for b, inward in ((lo, +1), (hi, -1)):
+        if 0 < b < 1:
+            assert gap(b) == pytest.approx(0.0, abs=1e-9)
+            assert gap(b + inward * 1e-6) < 0 < gap(b - inward * 1e-6)
+    assert (lo == 0.0) == (k == 0) and (hi == 1.0) == (k == n)
+
+
 def test_distribution_metrics_known_values():
     assert total_variation({"a": 0.5, "b": 0.5}, {"a": 1.0}) == pytest.approx(0.5)
     stat, p = chi_square({"a": 30, "b": 10}, {"a": 0.5, "b": 0.5})  # (10^2 + 10^2) / 20
@@ -332,13 +351,13 @@ def test_report_files_hold_the_right_numbers(tmp_path, capsys):
     k = circle.count("red")
     d = rep["prompts"]["a circle"]["attributes"]["color"]
     assert d["counts"]["red"] == k and d["shares"]["red"] == k / 20
-    assert (d["ci_low"]["red"], d["ci_high"]["red"]) == pytest.approx(wilson_interval(k, 20))
+    assert (d["ci_low"]["red"], d["ci_high"]["red"]) == pytest.approx(wilson_interval(k, 20, continuity=True))
     assert d["tv"] == pytest.approx(0.5 * sum(abs(d["shares"][v] - 1 / 6) for v in d["shares"]))
     with (out / "report.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 4 * (6 + 2)
     red = next(r for r in table if r["prompt"] == "a circle" and r["value"] == "red")
-    assert int(red["count"]) == k and float(red["ci_high"]) == pytest.approx(wilson_interval(k, 20)[1])
+    assert int(red["count"]) == k and float(red["ci_high"]) == pytest.approx(wilson_interval(k, 20, continuity=True)[1])
     html = (out / "report.html").read_text()
     assert html.count("<img src='data:image/png;base64,") == 2 + 4 * 2  # two charts, a grid per prompt x attribute
     assert "a triangle" in html and "UCE Delta" in html

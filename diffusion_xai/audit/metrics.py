@@ -1,6 +1,10 @@
 """Bias metrics of an audit (METHODS.md section 7). Pure functions of counts: no model, no database.
 
-* :func:`wilson_interval` -- Wilson score interval of a share k/n (95% by default).
+* :func:`wilson_interval` -- Wilson score interval of a share k/n (95% by default), plain or with
+  continuity correction (Newcombe 1998, method 4). Audit summaries use the corrected form: the plain
+  interval covers the truth a little less often than promised at small counts (measured on the ShapesWorld
+  generator: 94.1% of 800 intervals at n = 200, see ``benchmarks/audit.py``), and an audit should not
+  claim more certainty than it has.
 * :func:`chi_square` / :func:`total_variation` -- an observed distribution against a target one.
 * :func:`distribution_bias` -- B_D of Vice et al. (2023): area under the min-max-normalised, descending
   sorted counts of the detected concepts not in the prompt (trapezoid rule on x in [0, 1]); 1 = flat
@@ -24,13 +28,22 @@ from collections.abc import Iterable, Sequence
 Z95 = 1.959963984540054
 
 
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (low, high) of a share with k successes in n trials; (0, 1) for n = 0."""
+def wilson_interval(k: int, n: int, z: float = Z95, continuity: bool = False) -> tuple[float, float]:
+    """Wilson score interval (low, high) of a share with k successes in n trials; (0, 1) for n = 0.
+
+    ``continuity=True``: the continuity-corrected interval, every p with ``|k - n p| - 1/2 <= z sqrt(n p (1 - p))``
+    (Newcombe 1998, method 4; low = 0 when k = 0, high = 1 when k = n). It contains the plain one."""
     if n < 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return 0.0, 1.0
     p = k / n
+    if continuity:
+        z2, q = z * z, 1 - p
+        den = 2 * (n + z2)
+        lo = 0.0 if k == 0 else (2 * n * p + z2 - 1 - z * math.sqrt(z2 - 2 - 1 / n + 4 * p * (n * q + 1))) / den
+        hi = 1.0 if k == n else (2 * n * p + z2 + 1 + z * math.sqrt(z2 + 2 - 1 / n + 4 * p * (n * q - 1))) / den
+        return max(0.0, lo), min(1.0, hi)
     den = 1 + z * z / n
     center = (p + z * z / (2 * n)) / den
     half = z / den * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -120,10 +133,11 @@ def mentioned_concepts(prompt: str, vocabulary: Iterable[str]) -> set[str]:
 
 
 def attribute_summary(labels: Sequence[str | None], values: Sequence[str], target: dict[str, float],
-                      mentioned: Iterable[str] = (), z: float = Z95) -> dict:
+                      mentioned: Iterable[str] = (), z: float = Z95, continuity: bool = True) -> dict:
     """Counts, shares with Wilson intervals, chi-square, TV to the target and B_D of one attribute of one prompt.
 
-    ``labels``: the judged value of every image (None = not judged; left out of n).
+    ``labels``: the judged value of every image (None = not judged; left out of n). ``continuity``: the
+    intervals' continuity correction (:func:`wilson_interval`; on by default).
     """
     values = list(values)
     _check_target(values, target)
@@ -134,7 +148,7 @@ def attribute_summary(labels: Sequence[str | None], values: Sequence[str], targe
     n = sum(cnt.values())
     counts = {v: cnt.get(v, 0) for v in values}
     shares = {v: (counts[v] / n if n else 0.0) for v in values}
-    ci = {v: wilson_interval(counts[v], n, z) for v in values}
+    ci = {v: wilson_interval(counts[v], n, z, continuity) for v in values}
     stat, pval = chi_square(counts, target)
     not_in_prompt = [counts[v] for v in values if v not in set(mentioned)]
     return {"n": n, "unjudged": len(labels) - n, "counts": counts, "shares": shares,
@@ -143,8 +157,10 @@ def attribute_summary(labels: Sequence[str | None], values: Sequence[str], targe
             "distribution_bias": distribution_bias(not_in_prompt) if len(not_in_prompt) >= 2 else None}
 
 
-def summarize(spec, rows: Sequence[dict], pid_rows: Sequence[dict] = ()) -> dict:
+def summarize(spec, rows: Sequence[dict], pid_rows: Sequence[dict] = (), continuity: bool = True) -> dict:
     """Every metric of an audit from its rows (:func:`~diffusion_xai.audit.runner.load_rows`).
+
+    Intervals are 95% Wilson intervals, continuity-corrected unless ``continuity=False``.
 
     Returns {"prompts": {prompt: {"n", "attributes": {attr: attribute_summary}, "hallucination" (H_J),
     "miss_rate" (M_G), "miss_ci"}}, "attributes": {attr: {"uce_delta", "mean_tv"}}, "counterfactuals": [...],
@@ -159,12 +175,13 @@ def summarize(spec, rows: Sequence[dict], pid_rows: Sequence[dict] = ()) -> dict
     prompts = {}
     for p, rs in by_prompt.items():
         mentioned = mentioned_concepts(p, vocab)
-        attrs = {a: attribute_summary([r["labels"].get(a) for r in rs], s.values, s.target, mentioned)
+        attrs = {a: attribute_summary([r["labels"].get(a) for r in rs], s.values, s.target, mentioned,
+                                      continuity=continuity)
                  for a, s in spec.attributes.items()}
         said = mentioned_concepts(p, concepts)
         hj = [jaccard_hallucination(said, r["detected"]) for r in rs]
         misses = [r["miss"] for r in rs if r["miss"] is not None]
-        lo, hi = wilson_interval(sum(misses), len(misses))
+        lo, hi = wilson_interval(sum(misses), len(misses), continuity=continuity)
         prompts[p] = {"n": len(rs), "attributes": attrs, "mentioned": sorted(mentioned),
                       "hallucination": sum(hj) / len(hj) if hj else None,
                       "miss_rate": sum(misses) / len(misses) if misses else None, "miss_ci": [lo, hi]}

@@ -137,7 +137,7 @@ def write_report(out: str | Path, grids: bool = True) -> dict:
     h.append("</table>")
     if rows:
         for a in spec.attributes:
-            h.append(f"<h3>{html.escape(a)}: shares with Wilson 95% intervals</h3>"
+            h.append(f"<h3>{html.escape(a)}: shares with Wilson 95% intervals (continuity-corrected)</h3>"
                      f"<img src='{_png(share_chart(summary, a))}'>")
     if summary["counterfactuals"]:
         h.append("<h2>Counterfactual pairs (CAS)</h2><table><tr><th>a</th><th>b</th><th>attribute</th><th>CAS</th></tr>")
