@@ -77,12 +77,15 @@ kind = "{judge}"
 """
 
 
+def spec_text(name: str, images: int, judge: str = "oracle", options: str = "", guidance: float = DEFAULT_GUIDANCE,
+              seed: int = 100000) -> str:
+    return SPEC.format(name=name, images=images, guidance=float(guidance), seed=seed, shapes=json.dumps(list(SHAPES)),
+                       colors=json.dumps(list(COLORS)), sizes=json.dumps(list(SIZES)), judge=judge, options=options)
+
+
 def make_spec(name: str, images: int, judge: str = "oracle", options: str = "", guidance: float = DEFAULT_GUIDANCE,
               seed: int = 100000):
-    return parse_spec(SPEC.format(name=name, images=images, guidance=float(guidance), shapes=json.dumps(list(SHAPES)),
-                                  seed=seed,
-                                  colors=json.dumps(list(COLORS)), sizes=json.dumps(list(SIZES)), judge=judge,
-                                  options=options), f"{name}.toml")
+    return parse_spec(spec_text(name, images, judge, options, guidance, seed), f"{name}.toml")
 
 
 def compare(judge: str, summary: dict, seconds: float, judge_seconds: float | None) -> tuple[list[dict], dict]:
@@ -145,20 +148,21 @@ def main() -> None:
     summaries.append(s)
 
     # 1a. interval coverage: many independent generator audits of the model audit's size, pooled
-    cov_rows, plain_rows = [], []
+    cov_rows, plain_rows, replicate_max_err = [], [], []
     for k in range(a.coverage_replicates):
         cspec = make_spec(f"coverage{k}", a.images, guidance=a.guidance, seed=10**7 * (k + 1))
         run_audit(cspec, tmp / f"coverage{k}", generator=render_generator(), progress=False)
         crows = load_rows(tmp / f"coverage{k}")
-        cov_rows += compare("coverage", summarize(cspec, crows), 1.0, None)[0]
+        r = compare("coverage", summarize(cspec, crows), 1.0, None)[0]
+        cov_rows += r
+        replicate_max_err.append(max(x["err_points"] for x in r))
         plain_rows += compare("coverage", summarize(cspec, crows, continuity=False), 1.0, None)[0]
     covered = sum(r["covered"] for r in cov_rows)
     coverage = None if not cov_rows else {
         "replicates": a.coverage_replicates, "images_per_prompt": a.images, "intervals": len(cov_rows),
         "covered": covered, "coverage": covered / len(cov_rows),
         "coverage_plain_wilson": sum(r["covered"] for r in plain_rows) / len(plain_rows),
-        "max_err_points_per_replicate": [max(r["err_points"] for r in cov_rows[i:i + len(cov_rows) // a.coverage_replicates])
-                                         for i in range(0, len(cov_rows), len(cov_rows) // a.coverage_replicates)]}
+        "max_err_points_per_replicate": replicate_max_err}
 
     # 1b. the generator's renders judged by the model itself (the judge must find the truth too)
     rspec = make_spec("renders_diffusion", a.render_diffusion_images, "diffusion",
@@ -202,10 +206,7 @@ def main() -> None:
     speed = None
     if a.speedup:
         f = tmp / "speed.toml"
-        f.write_text(SPEC.format(name="speed", images=a.images, guidance=float(a.guidance), seed=100000,
-                                 shapes=json.dumps(list(SHAPES)),
-                                 colors=json.dumps(list(COLORS)), sizes=json.dumps(list(SIZES)), judge="oracle",
-                                 options=""))
+        f.write_text(spec_text("speed", a.images, guidance=a.guidance))
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
                   "diffusion_xai.audit.cli", "audit", "run", str(f), "--out", str(tmp / "two"), "--quiet",

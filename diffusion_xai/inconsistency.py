@@ -185,16 +185,11 @@ def refine_mask(soft: torch.Tensor, image, edited, tolerance: float) -> torch.Te
     if a.shape[:2] != (H, W) or b.shape[:2] != (H, W):
         raise ValueError(f"refine_mask: image {a.shape[:2]} and edited {b.shape[:2]} must be the mask's size {(H, W)}")
     idx = np.arange(H * W).reshape(H, W)
-    rows, cols = [], []
-    for sl_a, sl_b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                       ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
-        near = np.ones(idx[sl_a].shape, bool)
-        for im in (a, b):
-            near &= np.linalg.norm(im[sl_a] - im[sl_b], axis=-1) < tolerance
-        rows.append(idx[sl_a][near])
-        cols.append(idx[sl_b][near])
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(r.size, bool), (r, c)), shape=(H * W, H * W))
+    p = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])  # every pixel with a left / upper neighbour
+    q = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])  # that neighbour
+    fa, fb = a.reshape(-1, 3), b.reshape(-1, 3)
+    near = (np.linalg.norm(fa[p] - fa[q], axis=-1) < tolerance) & (np.linalg.norm(fb[p] - fb[q], axis=-1) < tolerance)
+    graph = coo_matrix((np.ones(int(near.sum()), bool), (p[near], q[near])), shape=(H * W, H * W))
     n, labels = connected_components(graph, directed=False)
     s = soft.double().flatten().numpy()
     means = np.bincount(labels, weights=s, minlength=n) / np.bincount(labels, minlength=n)
@@ -698,7 +693,7 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
         z_edit = xp.encode_image(edited)
         e_dnt, loss2 = align_embedding(xp, z_edit, e_txt, align_steps, lr, align_batch, seed, align_t_range, bar)
         d1 = difference_map(xp, z0, e_algn, e_dnt, t_mask, mask_noise)
-        raw, _ = region_mask(d1, size, blur_sigma, final_threshold, f)
+        raw = region_mask(d1, size, blur_sigma, final_threshold, f)[0]
         soft = raw.clone() if refine_tolerance is None else refine_mask(raw, image, edited, float(refine_tolerance))
         binary = soft >= final_threshold
         bar.update(1)
