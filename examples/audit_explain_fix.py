@@ -20,7 +20,7 @@ from pathlib import Path
 
 from diffusion_xai import XAIPipeline
 from diffusion_xai.audit import OracleJudge, load_rows, parse_spec, run_audit, summarize
-from diffusion_xai.shapesworld import COLORS, load_shapesworld_pipeline
+from diffusion_xai.shapesworld import COLORS, DEFAULT_GUIDANCE, DEFAULT_STEPS, load_shapesworld_pipeline
 
 SPEC = """
 name = "{name}"
@@ -48,16 +48,18 @@ def show(title: str, d: dict) -> None:
         print(f"  {v:7s} {d['shares'][v]:6.3f}  [{d['ci_low'][v]:.3f}, {d['ci_high'][v]:.3f}]")
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Run the loop; returns {"before", "after": colour summaries of the two audits, "redundancy": {colour: R}}."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="ShapesWorld model folder (default: the embedded model)")
     ap.add_argument("--images", type=int, default=64, help="images per audit")
     ap.add_argument("--pid-samples", type=int, default=32, help="(logSNR, noise) samples per PID analysis")
-    ap.add_argument("--rounds", type=int, default=4, help="most debias rounds")
+    ap.add_argument("--rounds", type=int, default=15, help="most debias rounds (stops early within 0.1 of uniform)")
     ap.add_argument("--out", default=None, help="folder for the audits (default: a temporary folder)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
-    xp = XAIPipeline(load_shapesworld_pipeline(a.model), batch_size=64, default_steps=20, default_guidance=4.0)
+    xp = XAIPipeline(load_shapesworld_pipeline(a.model), batch_size=64, default_steps=DEFAULT_STEPS,
+                     default_guidance=DEFAULT_GUIDANCE)
     out = Path(a.out or tempfile.mkdtemp(prefix="audit_explain_fix_"))
 
     before = audit(xp, "before", a.images, out / "before")
@@ -81,7 +83,8 @@ def main() -> None:
         return [v.labels["color"] for v in oracle(images, ["a circle"] * len(images), spec_attr, miss_rate=False)]
 
     edit = xp.erase("circle", method="debias", targets={c: 1 / len(COLORS) for c in COLORS}, judge=judge,
-                    prompts=["a circle"], templates=("a {}",), num_samples=32, rounds=a.rounds, tol=0.1,
+                    prompts=["a circle"], templates=("a {}",), token_positions="word_to_eos", num_samples=32,
+                    rounds=a.rounds, tol=0.1,
                     seed=7, progress=True)
     for h in edit.history:
         print(f"  round {h['round']}: max gap {h['max_gap']:.3f}")
@@ -93,6 +96,7 @@ def main() -> None:
     print(f"\nbefore -> after: share {top} {before['shares'][top]:.3f} -> {after['shares'][top]:.3f}; "
           f"TV to uniform {before['tv']:.3f} -> {after['tv']:.3f}")
     print(f"audits in {out} (run `diffusion-xai audit report {out / 'before'}` for the HTML report)")
+    return {"before": before, "after": after, "redundancy": red}
 
 
 if __name__ == "__main__":

@@ -376,3 +376,20 @@ def test_pid_pairs_are_stored_per_value_and_seed(tiny, tmp_path):
     assert pid_rows[1]["scalars"]["R"] == pytest.approx(direct.R, rel=1e-5)
     s = write_report(tmp_path, grids=False)
     assert [r["value"] for r in s["pid"]] == ["red", "blue"] and s["pid"][0]["R"] == pytest.approx(direct.R, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the example loop
+def test_audit_explain_fix_example_moves_the_circle_colours_to_uniform(tmp_path):
+    """examples/audit_explain_fix.py on the embedded model: the first audit finds the injected bias (circles
+    painted red far above the uniform 1/6) and the debias edit brings the re-audit near uniform."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("audit_explain_fix", ROOT / "examples" / "audit_explain_fix.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--images", "32", "--pid-samples", "4", "--out", str(tmp_path)])
+    b, a = out["before"], out["after"]
+    uniform = 1 / 6
+    assert b["shares"]["red"] > 0.5 and b["ci_low"]["red"] > uniform and b["tv"] > 0.5, b
+    assert a["shares"]["red"] < b["shares"]["red"] / 2 and a["tv"] < b["tv"] / 2, (b, a)
+    assert set(out["redundancy"]) == set(b["shares"])
