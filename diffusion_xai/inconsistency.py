@@ -35,7 +35,7 @@ Steps (``METHODS.md`` section 4), all through the wrapper's primitives (``encode
    over every connected region so joined and min-max normalised again (:func:`refine_mask`). A region is
    thus one patch that is uniform in what the image shows and in what the caption asked for, and takes
    its mean evidence. The binary mask is the refined soft mask at ``final_threshold``. Costs no UNet
-   evaluation. On ShapesWorld's tuning split it raised the mIoU from 0.47 to 0.6 (``benchmarks/
+   evaluation. On ShapesWorld's tuning split it raised the mIoU from 0.47 to 0.59 (``benchmarks/
    inconsistency.py``); on textured photographs most regions are a few pixels and it changes little.
 5. **Word.** The model itself scores every content word ``w`` (not a function word, see
    :data:`FUNCTION_WORDS`) inside the final soft mask ``m`` (downsampled to latents, used as weights).
