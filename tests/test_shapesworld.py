@@ -161,3 +161,42 @@ def test_training_script_reduces_the_loss(tmp_path):
     assert np.mean(losses[-15:]) < np.mean(losses[:5])
     # resumable: a second call continues from the checkpoint and does nothing more
     assert train.train_unet(unet, text, tok, tmp_path, steps=80, scaling=1.0, batch=16) == []
+
+
+def test_finetune_stage_continues_an_exported_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusion_xai.shapesworld import train
+
+    torch.manual_seed(0)
+    tok_dir = train.write_tokenizer_files(tmp_path / "tokenizer")
+    tok, vae, unet, text = train._models(True, tok_dir)
+    train.train_vae(vae, tmp_path, steps=4, batch=4, log_every=1000)
+    train.encode_latents(vae, tmp_path, num=16, batch=16)
+    train.train_unet(unet, text, tok, tmp_path, steps=4, scaling=1.0, batch=4, log_every=1000)
+    (tmp_path / "state.json").write_text(json.dumps({"scaling_factor": 1.0}))
+    init = train.export(tmp_path, tmp_path / "model", tiny=True)
+
+    ft = tmp_path / "ft"
+    rec = train.finetune(init, ft, tmp_path / "out", steps=8, stop_at=6, num_latents=24, objects={2: 0.5, 3: 0.5},
+                         batch=4, ckpt_every=4, decoder_steps=3, vae_check=4)
+    assert rec["finetune"]["steps_done"] == 6 and rec["finetune"]["decoder_steps"] == 3
+    # the requested object counts: every caption has one article per object, no single objects
+    counts = [c.split().count("a") for c in json.loads((ft / "captions.json").read_text())]
+    assert set(counts) == {2, 3}
+    # the VAE encoder is untouched (so are the cached latents), the decoder, UNet and text encoder moved
+    enc = load_file(str(init / "vae" / "diffusion_pytorch_model.safetensors"))
+    enc2 = load_file(str(tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(enc[k], enc2[k]) for k in enc if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(enc[k], enc2[k]) for k in enc if k.startswith("decoder."))
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(init / part)), load_file(str(tmp_path / "out" / part))
+        assert not all(torch.equal(a[k], b[k]) for k in a), part
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["finetune"]["objects"] == {"2": 0.5, "3": 0.5}
+    # resumable: the stopped run continues to the end of its schedule
+    assert train.finetune(init, ft, tmp_path / "out", steps=8, stop_at=None, num_latents=24, objects={2: 0.5, 3: 0.5},
+                          batch=4, decoder_steps=3, vae_check=4)["finetune"]["steps_done"] == 8
+    with pytest.raises(ValueError, match="objects"):
+        train.finetune(init, ft, tmp_path / "out", objects={2: 0.5, 4: 0.5})
+    with pytest.raises(ValueError, match="-1"):
+        train.finetune(init, ft, tmp_path / "out", steps=-1)

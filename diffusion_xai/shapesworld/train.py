@@ -10,6 +10,9 @@ Stages (each resumable from its checkpoint in ``--work``):
    dropout (for classifier-free guidance) and an EMA of the weights.
 4. ``export``: a diffusers ``StableDiffusionPipeline`` saved as safetensors (default:
    into the package, where :func:`load_shapesworld_pipeline` finds it).
+5. ``finetune`` (``--stage finetune``): continue training an exported model, on fresh scenes with
+   more of them holding two or three objects: its decoder (encoder frozen) and, on request, its
+   UNet + text encoder (:data:`FINETUNE`).
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ TINY = dict(  # for tests of this script
 )
 
 
-def scene_batch(seeds) -> tuple[torch.Tensor, list[str]]:
-    """Images in [-1, 1] (B, 3, 64, 64) and captions for the given scene seeds."""
-    scenes = [sample_scene(int(s)) for s in seeds]
+def scene_batch(seeds, num_objects=None) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] (B, 3, 64, 64) and captions for the given scene seeds (and object counts)."""
+    counts = [None] * len(seeds) if num_objects is None else num_objects
+    scenes = [sample_scene(int(s), None if k is None else int(k)) for s, k in zip(seeds, counts)]
     img = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(img).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes]
 
@@ -133,11 +137,14 @@ def train_vae(vae, work: Path, steps: int, batch: int = 16, lr: float = 1e-3, fg
 
 
 def finetune_decoder(vae, work: Path, steps: int, batch: int = 16, lr: float = 5e-4, fg_weight: float = 8.0,
-                     log_every: int = 100, ckpt_every: int = 250) -> list[float]:
+                     log_every: int = 100, ckpt_every: int = 250,
+                     num_objects_prob: dict[int, float] | None = None) -> list[float]:
     """Sharpen the decoder with the encoder frozen: the latents (and so the UNet's data) stay the same.
 
     Decodes the posterior *mean* (what the UNet learns to produce); loss = foreground-weighted
-    L1 + MSE. Resumable from ``work/decoder_ckpt``.
+    L1 + MSE. With ``num_objects_prob`` the scenes' object counts follow that distribution
+    (the crowded three-object scenes are where reconstructions fail). Resumable from
+    ``work/decoder_ckpt``.
     """
     ckpt = work / "decoder_ckpt"
     for p in vae.parameters():
@@ -146,14 +153,18 @@ def finetune_decoder(vae, work: Path, steps: int, batch: int = 16, lr: float = 5
     for p in dec:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(dec, lr=lr, weight_decay=0.0)
-    start = _load_ckpt(ckpt, {"vae": vae}, opt)["step"] if (ckpt / "state.json").exists() else 0
+    st = _load_ckpt(ckpt, {"vae": vae}, opt) if (ckpt / "state.json").exists() else {}
+    start, seconds0, t0 = st.get("step", 0), st.get("seconds", 0.0), time.time()
     rng = np.random.default_rng(4321 + start)
     losses = []
     bar = tqdm(range(start, steps), desc="decoder", initial=start, total=steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
-        x, _ = scene_batch(rng.integers(2 * 10**8, 3 * 10**8, batch))
+        seeds = rng.integers(2 * 10**8, 3 * 10**8, batch)
+        counts = None if num_objects_prob is None else rng.choice(
+            sorted(num_objects_prob), size=batch, p=[num_objects_prob[k] for k in sorted(num_objects_prob)])
+        x, _ = scene_batch(seeds, counts)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
@@ -167,7 +178,7 @@ def finetune_decoder(vae, work: Path, steps: int, batch: int = 16, lr: float = 5
         if step % log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            _save_ckpt(ckpt, {"vae": vae}, opt, step + 1)
+            _save_ckpt(ckpt, {"vae": vae}, opt, step + 1, {"seconds": seconds0 + time.time() - t0})
     for p in vae.parameters():
         p.requires_grad_(True)
     vae.eval()
@@ -198,14 +209,23 @@ def vae_oracle_agreement(vae, n: int = 200, seed0: int = 3 * 10**8) -> float:
 
 
 @torch.no_grad()
-def encode_latents(vae, work: Path, num: int, batch: int = 256) -> None:
-    """Encode ``num`` seeded scenes once; stores latents (unscaled posterior means) and captions."""
+def encode_latents(vae, work: Path, num: int, batch: int = 256, seed0: int = 0,
+                   num_objects_prob: dict[int, float] | None = None) -> None:
+    """Encode ``num`` seeded scenes once; stores latents (unscaled posterior means) and captions.
+
+    Scene ``j`` has seed ``seed0 + j``; with ``num_objects_prob`` its object count is drawn from
+    that distribution (seeded) instead of the world's own."""
     path = work / "latents.safetensors"
     if path.exists() and load_file(str(path))["latents"].shape[0] == num:
         return
+    counts = None
+    if num_objects_prob is not None:
+        ks = sorted(num_objects_prob)
+        counts = np.random.default_rng(123).choice(ks, size=num, p=[num_objects_prob[k] for k in ks])
     lat, caps = [], []
     for i in tqdm(range(0, num, batch), desc="latents"):
-        x, c = scene_batch(range(i, min(num, i + batch)))
+        js = range(i, min(num, i + batch))
+        x, c = scene_batch([seed0 + j for j in js], None if counts is None else [int(counts[j]) for j in js])
         lat.append(vae.encode(x).latent_dist.mean)
         caps += c
     lat = torch.cat(lat)
@@ -215,11 +235,17 @@ def encode_latents(vae, work: Path, num: int, batch: int = 256) -> None:
 
 def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: int = 64, lr: float = 3e-4,
                cond_drop: float = 0.1, ema_decay: float = 0.999, log_every: int = 100,
-               ckpt_every: int = 1000, time_limit_s: float | None = None, seconds_before: float = 0.0) -> list[float]:
-    """Epsilon-prediction training of UNet + text encoder on the cached latents.
+               ckpt_every: int = 1000, time_limit_s: float | None = None, seconds_before: float = 0.0,
+               warmup: int = 500, ema_warmup: bool = True, seed: int = 5678, ckpt_name: str = "unet_ckpt",
+               stop_at: int | None = None) -> list[float]:
+    """Epsilon-prediction training of UNet + text encoder on the cached latents of ``work``.
 
-    Checkpoints record the stage's total seconds; ``seconds_before`` is that total for a checkpoint
-    written before they did."""
+    Starts from the modules' current weights (the EMA too) unless ``work/ckpt_name`` holds a
+    checkpoint. The learning rate warms up over ``warmup`` steps, then follows a cosine down to a
+    tenth; the EMA decay ramps up to ``ema_decay`` when ``ema_warmup`` (from scratch) and is fixed
+    otherwise (fine-tuning). Checkpoints record the stage's total seconds; ``seconds_before`` is
+    that total for a checkpoint written before they did. ``stop_at`` ends the run (checkpointed)
+    at that step of the ``steps``-long schedule."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
@@ -229,7 +255,7 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     ema = {"unet": {k: v.detach().clone() for k, v in unet.state_dict().items()},
            "text": {k: v.detach().clone() for k, v in text.state_dict().items()}}
-    ckpt = work / "unet_ckpt"
+    ckpt = work / ckpt_name
     start, seconds0 = 0, 0.0
     if (ckpt / "state.json").exists():
         st = _load_ckpt(ckpt, {"unet": unet, "text": text}, opt)
@@ -238,14 +264,15 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
     ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     abar = sched.alphas_cumprod
-    g = torch.Generator().manual_seed(5678 + start)
+    g = torch.Generator().manual_seed(seed + start)
     unet.train()
     text.train()
     losses = []
     t0 = time.time()
-    bar = tqdm(range(start, steps), desc="unet", initial=start, total=steps)
+    end = steps if stop_at is None else min(steps, stop_at)
+    bar = tqdm(range(start, end), desc="unet", initial=start, total=end)
     for step in bar:
-        warm = min(1.0, (step + 1) / 500)
+        warm = min(1.0, (step + 1) / warmup)
         for grp in opt.param_groups:
             grp["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
         idx = torch.randint(0, latents.shape[0], (batch,), generator=g)
@@ -265,7 +292,7 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
+            d = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
             for name, m in (("unet", unet), ("text", text)):
                 for k, v in m.state_dict().items():
                     if v.dtype.is_floating_point:
@@ -276,7 +303,7 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
         if step % log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
         out_of_time = time_limit_s is not None and time.time() - t0 > time_limit_s
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps or out_of_time:
+        if (step + 1) % ckpt_every == 0 or step + 1 == end or out_of_time:
             _save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1, {"seconds": seconds0 + time.time() - t0})
             save_file(ema["unet"], str(ckpt / "ema_unet.safetensors"))
             save_file(ema["text"], str(ckpt / "ema_text.safetensors"))
@@ -306,6 +333,72 @@ def export(work: Path, out: Path, tiny: bool = False, use_ema: bool = True) -> P
     return out
 
 
+# The fine-tuning stage after the first model. The shipped model took only its decoder part: the
+# UNet part (more two-object scenes; 3,000 of 6,000 scheduled steps tried) drew more two-object
+# scenes right but pushed three injected-bias shares more than 10 points off, so it is off by default.
+FINETUNE = dict(steps=0, stop_at=None, lr=1e-4, num_latents=30000, seed0=10**7, objects={1: 0.35, 2: 0.5, 3: 0.15},
+                warmup=200, ema_decay=0.998, seed=999,
+                # and the decoder (encoder frozen), on the crowded scenes whose small shapes it blurred
+                decoder_steps=2000, decoder_lr=2e-4, decoder_objects={1: 0.25, 2: 0.35, 3: 0.4})
+
+
+def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], stop_at: int | None = FINETUNE["stop_at"],
+             lr: float = FINETUNE["lr"],
+             num_latents: int = FINETUNE["num_latents"], objects: dict[int, float] | None = None,
+             batch: int = 64, time_limit_s: float | None = None, ckpt_every: int = 500,
+             decoder_steps: int = FINETUNE["decoder_steps"], decoder_lr: float = FINETUNE["decoder_lr"],
+             vae_check: int = 400) -> dict:
+    """Continue training the UNet + text encoder of the pipeline in ``init``, then its VAE decoder.
+
+    Latents of ``num_latents`` fresh scenes whose object counts follow ``objects`` (default
+    ``FINETUNE["objects"]``) are cached in ``work``; training follows a ``steps``-long schedule,
+    ends at ``stop_at`` (None: at the end) and is resumable there. The decoder is
+    then sharpened for ``decoder_steps`` with the encoder frozen (so the latents, and the UNet's
+    data, do not move) and checked by the oracle on ``vae_check`` held-out scenes. The EMA weights
+    and the decoder are exported to ``out`` (which may be ``init``) with the fine-tuning recorded
+    in ``training.json``. Returns that record."""
+    from . import load_shapesworld_pipeline
+
+    objects = dict(FINETUNE["objects"] if objects is None else objects)
+    if any(k not in (1, 2, 3) or v < 0 for k, v in objects.items()) or not math.isclose(sum(objects.values()), 1.0):
+        raise ValueError(f"objects must map object counts 1-3 to probabilities summing to 1, got {objects}")
+    if steps < 0 or decoder_steps < 0:
+        raise ValueError(f"steps and decoder_steps must be >= 0, got {steps} and {decoder_steps}")
+    work.mkdir(parents=True, exist_ok=True)
+    pipe = load_shapesworld_pipeline(init)
+    record = json.loads((Path(init) / "training.json").read_text()) if (Path(init) / "training.json").exists() else {}
+    record["finetune"] = {"steps_done": 0}
+    if steps > 0:
+        encode_latents(pipe.vae, work, num_latents, seed0=FINETUNE["seed0"], num_objects_prob=objects)
+        ckpt = work / "unet_ckpt"
+        seconds_before = (json.loads((ckpt / "state.json").read_text()).get("seconds") or 0.0
+                          if (ckpt / "state.json").exists() else 0.0)
+        train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, work, steps, pipe.vae.config.scaling_factor,
+                   batch=batch, lr=lr, warmup=FINETUNE["warmup"], ema_decay=FINETUNE["ema_decay"], ema_warmup=False,
+                   seed=FINETUNE["seed"], ckpt_every=ckpt_every, time_limit_s=time_limit_s,
+                   seconds_before=seconds_before, stop_at=stop_at)
+        st = json.loads((ckpt / "state.json").read_text())
+        pipe.unet.load_state_dict(load_file(str(ckpt / "ema_unet.safetensors")))
+        pipe.text_encoder.load_state_dict(load_file(str(ckpt / "ema_text.safetensors")))
+        record["finetune"] = {"steps_done": st["step"], "schedule_steps": steps, "seconds": st["seconds"], "lr": lr,
+                              "num_latents": num_latents, "objects": {str(k): v for k, v in objects.items()},
+                              "batch": batch}
+    if decoder_steps > 0:
+        finetune_decoder(pipe.vae, work, decoder_steps, lr=decoder_lr, num_objects_prob=FINETUNE["decoder_objects"])
+        dst = json.loads((work / "decoder_ckpt" / "state.json").read_text())
+        record["finetune"].update(decoder_steps=dst["step"], decoder_lr=decoder_lr,
+                                  decoder_seconds=dst.get("seconds"),
+                                  vae_agreement=vae_oracle_agreement(pipe.vae, n=vae_check))
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for cfg in [out / "model_index.json", *out.glob("*/config.json")]:  # no paths of this machine in the package
+        d = json.loads(cfg.read_text())
+        if d.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/shapesworld"), help="checkpoints and caches")
@@ -317,13 +410,30 @@ def main(argv=None) -> None:
     p.add_argument("--time-limit-min", type=float, default=None, help="stop the UNet stage (checkpointed) after this")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration (for tests)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--stage", choices=["all", "decoder", "export"], default="all",
+    p.add_argument("--stage", choices=["all", "decoder", "export", "finetune"], default="all",
                    help="all: VAE, latents, UNet, export; decoder: sharpen the VAE decoder (encoder frozen, "
-                        "so it can run beside the UNet stage); export: assemble the latest checkpoints")
+                        "so it can run beside the UNet stage); export: assemble the latest checkpoints; "
+                        "finetune: continue training the model in --init on more multi-object scenes")
     p.add_argument("--decoder-steps", type=int, default=1500)
+    p.add_argument("--init", type=Path, default=PACKAGE_MODEL_DIR, help="finetune: the pipeline to start from")
+    p.add_argument("--finetune-steps", type=int, default=FINETUNE["steps"],
+                   help="UNet: length of the cosine schedule (0, the default: keep the UNet)")
+    p.add_argument("--finetune-stop-at", type=int, default=FINETUNE["stop_at"], help="end at this step (0: at the end)")
+    p.add_argument("--finetune-lr", type=float, default=FINETUNE["lr"])
+    p.add_argument("--finetune-latents", type=int, default=FINETUNE["num_latents"])
+    p.add_argument("--finetune-decoder-steps", type=int, default=FINETUNE["decoder_steps"])
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.stage == "finetune":
+        rec = finetune(a.init, a.work, a.out, steps=a.finetune_steps, stop_at=a.finetune_stop_at or None,
+                       lr=a.finetune_lr,
+                       num_latents=a.finetune_latents, batch=a.batch, decoder_steps=a.finetune_decoder_steps,
+                       time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None)
+        ft = rec["finetune"]
+        print(f"fine-tuned: UNet {ft['steps_done']} steps, decoder {ft.get('decoder_steps', 0)} steps "
+              f"(VAE agreement {ft.get('vae_agreement')}); exported to {a.out}")
+        return
     a.work.mkdir(parents=True, exist_ok=True)
     write_tokenizer_files(a.work / "tokenizer")
     tok, vae, unet, text = _models(a.tiny, a.work / "tokenizer")
