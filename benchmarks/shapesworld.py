@@ -51,11 +51,17 @@ def oracle_accuracy(n: int) -> dict:
     return {"scenes": n, "clean": clean / n, "degraded": degraded / n}
 
 
+# Added to every sampling seed; --selection sets it (with other prompts) so that model variants are
+# chosen on a set the reported table never sees.
+SEED_OFFSET = 0
+SELECTION_OFFSET, SELECTION_PROMPT_SEED = 10**5, 7
+
+
 def sample(xp: XAIPipeline, prompts: list[str], seed: int, batch: int = 100) -> list[list]:
     """Oracle judgements of one image per prompt (seeded per batch)."""
     out = []
     for i in range(0, len(prompts), batch):
-        imgs = xp.generate(prompts[i:i + batch], seed=seed + i, output_type="np", progress=False).images
+        imgs = xp.generate(prompts[i:i + batch], seed=SEED_OFFSET + seed + i, output_type="np", progress=False).images
         out += [judge((im * 255).round().astype(np.uint8)) for im in imgs]
     return out
 
@@ -121,8 +127,12 @@ def main() -> None:
     p.add_argument("--name", default="shapesworld", help="name of the JSON written")
     p.add_argument("--guidance", type=float, default=None, help="override the default guidance scale")
     p.add_argument("--biases-only", action="store_true", help="only the bias table (e.g. at another guidance)")
+    p.add_argument("--selection", action="store_true",
+                   help="other prompts and seeds, for choosing between model variants (write with --name)")
     a = p.parse_args()
-    rng = np.random.default_rng(0)
+    global SEED_OFFSET
+    SEED_OFFSET = SELECTION_OFFSET if a.selection else 0
+    rng = np.random.default_rng(SELECTION_PROMPT_SEED if a.selection else 0)
     oracle = oracle_accuracy(a.oracle_scenes)
     print(table([oracle], "Oracle accuracy (all objects right, as a set)"))
     folder = Path(a.model) if a.model else MODEL_DIR
@@ -159,12 +169,15 @@ def main() -> None:
     timing = {"seconds_per_image_batched": per_image, "seconds_single_image": single,
               "vae_oracle_agreement": vae_oracle_agreement(xp.pipe.vae, n=400),
               "training_minutes": (training.get("vae_seconds", 0) + training.get("decoder_seconds", 0)
-                                   + training.get("unet_seconds", 0)) / 60,
+                                   + training.get("unet_seconds", 0)
+                                   + (training.get("finetune", {}).get("seconds") or 0)
+                                   + (training.get("finetune", {}).get("decoder_seconds") or 0)) / 60,
               "unet_steps": training.get("unet_steps_done")}
     print()
     print(table([timing], "Sampling time and training record"))
     print("\nwrote", write_json(a.name, {"oracle": oracle, "quality": quality, "biases": bias_rows,
-                                         "timing": timing, "samples": a.samples, "synonyms": SYNONYMS}))
+                                         "timing": timing, "samples": a.samples, "synonyms": SYNONYMS,
+                                         "selection": a.selection, "model": a.model or "embedded"}))
 
 
 if __name__ == "__main__":
