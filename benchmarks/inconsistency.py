@@ -137,6 +137,7 @@ def evaluate(records: list[dict], threshold: float, mask_threshold: float, raw_t
         "acc@thr": float(acc),
         "word_acc": float(np.mean([r["word"] in r["gt_words"] for r in inc])) if inc else float("nan"),
         "word_acc_con": float(np.mean([r["word_contrast"] in r["gt_words"] for r in inc])) if inc else float("nan"),
+        "word_acc_loc": float(np.mean([r["word_local"] in r["gt_words"] for r in inc])) if inc else float("nan"),
         "mIoU": float(np.mean([iou(r["soft"] >= mask_threshold, r["gt_mask"]) for r in inc])) if inc else float("nan"),
         "mIoU_unref": float(np.mean([iou(r["raw_soft"] >= raw_threshold, r["gt_mask"]) for r in inc]))
         if inc else float("nan"),
@@ -155,7 +156,11 @@ def run_split(xp, pairs: list[dict], kw: dict, desc: str) -> list[dict]:
         out.append(dict(kind=p["kind"], seed=p["seed"], caption=p["caption"], gt_words=sorted(p["words"]),
                         score=res.score, word=res.word,
                         word_contrast=res.words[int(np.argmax(res.word_scores_contrast))],
-                        word_scores=res.word_score_dict(), soft=res.mask_soft.numpy(),
+                        word_local=res.words[int(np.argmax(res.word_scores_local))],
+                        word_scores_local=list(res.word_scores_local),
+                        word_scores=res.word_score_dict(), words=list(res.words),
+                        word_scores_image=list(res.word_scores_image),
+                        word_scores_contrast=list(res.word_scores_contrast), soft=res.mask_soft.numpy(),
                         raw_soft=res.mask_soft_unrefined.numpy(),
                         init_soft=res.initial_mask_soft.numpy(),
                         gt_mask=p["mask"] if p["mask"] is not None else np.zeros((64, 64), bool),
@@ -175,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--word-samples", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="inconsistency", help="name of the JSON written")
     ap.add_argument("--save-calibration", action="store_true",
                     help="store the tuned thresholds with the model (inconsistency_calibration.json), so calls "
                          "with the same alignment settings use them by default")
@@ -210,7 +216,7 @@ def main(argv=None) -> int:
         rs = [r for r in recs["held-out"] if r["kind"] == kind]
         if rs:
             e = evaluate(rs, thr, mthr, rthr)
-            kind_rows.append({"held-out kind": kind, "pairs": len(rs), "word_acc": e["word_acc"], "mIoU": e["mIoU"],
+            kind_rows.append({"held-out kind": kind, "pairs": len(rs), "word_acc": e["word_acc"], "word_acc_loc": e["word_acc_loc"], "mIoU": e["mIoU"],
                               "detected": float(np.mean([r["score"] < thr for r in rs]))})
     title = (f"D-TIIL on ShapesWorld ({steps} alignment steps x {a.align_batch}; tuned on 'tune': "
              f"consistency threshold {thr:.6f}, final mask threshold {mthr:.2f}, unrefined {rthr:.2f})")
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
         print()
         print(table(kind_rows, "held-out, per kind of contradiction (tuned thresholds)"))
     strip = ("soft", "raw_soft", "init_soft", "gt_mask")
-    path = write_json("inconsistency", {
+    path = write_json(a.name, {
         "model": a.model, "quick": a.quick, "settings": {**kw, "defaults": {
             "threshold": DEFAULT_THRESHOLD, "final_threshold": DEFAULT_FINAL_THRESHOLD}},
         "tuned": {"threshold": thr, "final_threshold": mthr, "final_threshold_unrefined": rthr}, "rows": rows, "per_kind": kind_rows,

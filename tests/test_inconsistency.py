@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from diffusion_xai import XAIPipeline
@@ -219,7 +220,7 @@ def test_bad_image_and_parameters(tiny):
     for bad in (0, -5.0, 500.0, "30", True):
         with pytest.raises(ValueError, match="refine_tolerance must be None or an RGB distance in \\(0, 442\\]"):
             localize_inconsistency(xp, img, "a red square", **FAST, refine_tolerance=bad)
-    with pytest.raises(ValueError, match="word_score must be one of image, contrast, got 'both'"):
+    with pytest.raises(ValueError, match="word_score must be one of image, contrast, local, got 'both'"):
         localize_inconsistency(xp, img, "a red square", **FAST, word_score="both")
     assert xp.unet_evals == 0, "bad input must be rejected before any UNet evaluation"
 
@@ -296,11 +297,22 @@ def test_word_score_choice(tiny):
     img = _square_image()
     a = localize_inconsistency(xp, img, "a red circle and a blue box", **FAST)
     b = localize_inconsistency(xp, img, "a red circle and a blue box", **FAST, word_score="contrast")
+    c = localize_inconsistency(xp, img, "a red circle and a blue box", **FAST, word_score="local")
     assert a.params["word_score"] == "image" and b.params["word_score"] == "contrast"
-    assert a.word_scores == a.word_scores_image == b.word_scores_image
+    assert c.params["word_score"] == "local"
+    assert a.word_scores == a.word_scores_image == b.word_scores_image == c.word_scores_image
     assert b.word_scores == b.word_scores_contrast == a.word_scores_contrast
+    assert c.word_scores == c.word_scores_local == a.word_scores_local
     assert a.word == a.words[int(np.argmax(a.word_scores_image))]
     assert b.word == b.words[int(np.argmax(b.word_scores_contrast))]
+    assert c.word == c.words[int(np.argmax(c.word_scores_local))]
+    # local = inside-the-mask bracket minus the same bracket outside it (reference: two direct calls)
+    z = xp.encode_image(img)
+    weights = F.adaptive_avg_pool2d(c.mask_soft[None, None].double(), tuple(z.shape[-2:]))[0, 0]
+    z_edit = xp.encode_image(c.edited_image)
+    _, d_in = word_scores(xp, torch.cat([z, z_edit]), c.text, weights, FAST["word_samples"], 3)
+    _, d_out = word_scores(xp, torch.cat([z, z_edit]), c.text, 1 - weights, FAST["word_samples"], 3)
+    np.testing.assert_allclose(c.word_scores_local, (d_in[0] - d_out[0]).numpy(), rtol=1e-6, atol=1e-9)
 
 
 def test_word_scores_vanish_between_identical_images(tiny):

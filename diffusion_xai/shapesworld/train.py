@@ -397,6 +397,10 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
         if d.pop("_name_or_path", None) is not None:
             cfg.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     (out / "training.json").write_text(json.dumps(record, indent=2))
+    stale = sorted(c.name for c in out.glob("*_calibration.json"))
+    if stale:
+        print(f"note: {', '.join(stale)} in {out} were fitted for the model before this fine-tune; refit them "
+              "(benchmarks/classifier.py and benchmarks/inconsistency.py with --save-calibration)")
     return record
 
 
