@@ -200,3 +200,12 @@ def test_finetune_stage_continues_an_exported_model(tmp_path):
         train.finetune(init, ft, tmp_path / "out", objects={2: 0.5, 4: 0.5})
     with pytest.raises(ValueError, match="-1"):
         train.finetune(init, ft, tmp_path / "out", steps=-1)
+
+
+def test_finetune_cli_rejects_bad_object_shares(capsys):
+    from diffusion_xai.shapesworld import train
+
+    for bad in ("0.5,0.5", "a,b,c"):
+        with pytest.raises(SystemExit):
+            train.main(["--stage", "finetune", "--finetune-objects", bad])
+        assert "--finetune-objects must be three comma-separated shares" in capsys.readouterr().err

@@ -427,13 +427,26 @@ def main(argv=None) -> None:
     p.add_argument("--finetune-lr", type=float, default=FINETUNE["lr"])
     p.add_argument("--finetune-latents", type=int, default=FINETUNE["num_latents"])
     p.add_argument("--finetune-decoder-steps", type=int, default=FINETUNE["decoder_steps"])
+    p.add_argument("--finetune-objects", default=None,
+                   help="UNet: shares of scenes with 1,2,3 objects, e.g. 0.5,0.35,0.15 (the world's own); "
+                        f"default {','.join(str(v) for v in FINETUNE['objects'].values())}")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.stage == "finetune":
+        objects = None
+        if a.finetune_objects:
+            try:
+                shares = [float(v) for v in a.finetune_objects.split(",")]
+            except ValueError:
+                p.error(f"--finetune-objects must be three comma-separated shares, got {a.finetune_objects!r}")
+            if len(shares) != 3:
+                p.error(f"--finetune-objects must be three comma-separated shares, got {a.finetune_objects!r}")
+            objects = dict(zip((1, 2, 3), shares))
         rec = finetune(a.init, a.work, a.out, steps=a.finetune_steps, stop_at=a.finetune_stop_at or None,
                        lr=a.finetune_lr,
-                       num_latents=a.finetune_latents, batch=a.batch, decoder_steps=a.finetune_decoder_steps,
+                       num_latents=a.finetune_latents, objects=objects, batch=a.batch,
+                       decoder_steps=a.finetune_decoder_steps,
                        time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None)
         ft = rec["finetune"]
         print(f"fine-tuned: UNet {ft['steps_done']} steps, decoder {ft.get('decoder_steps', 0)} steps "
