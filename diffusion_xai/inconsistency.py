@@ -731,12 +731,11 @@ def localize_inconsistency(xp, image, text: str, *, align_steps: int = DEFAULT_A
                   num_inference_steps=num_inference_steps or xp.default_steps,
                   guidance_scale=float(xp.default_guidance if guidance_scale is None else guidance_scale),
                   seed=seed)
+    scores = {k: [float(v) for v in s] for k, s in (("image", d[0]), ("contrast", d[0] - d[1]), ("local", d[0] - d_out[0]))}
     return InconsistencyResult(
         image=image, edited_image=edited, text=text, score=score, threshold=float(threshold),
-        words=[w for _, w in cw], word_indices=[i for i, _ in cw],
-        word_scores=[float(v) for v in {"image": d[0], "contrast": d[0] - d[1], "local": d[0] - d_out[0]}[word_score]],
-        word_scores_image=[float(v) for v in d[0]], word_scores_contrast=[float(v) for v in (d[0] - d[1])],
-        word_scores_local=[float(v) for v in (d[0] - d_out[0])],
+        words=[w for _, w in cw], word_indices=[i for i, _ in cw], word_scores=list(scores[word_score]),
+        word_scores_image=scores["image"], word_scores_contrast=scores["contrast"], word_scores_local=scores["local"],
         mask_soft=soft, mask=binary, mask_soft_unrefined=raw, initial_mask_soft=init_soft, edit_region=region,
         embeddings=torch.cat([e_txt.embeds.float().cpu(), e_algn.embeds.cpu(), e_dnt.embeds.cpu()]),
         align_loss=loss1, realign_loss=loss2, inpainting=how, word_ratio=float(word_ratio), params=params,

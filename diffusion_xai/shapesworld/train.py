@@ -62,6 +62,12 @@ TINY = dict(  # for tests of this script
 )
 
 
+def draw_object_counts(rng: np.random.Generator, prob: dict[int, float], size: int) -> np.ndarray:
+    """``size`` object counts drawn from ``{count: probability}``."""
+    ks = sorted(prob)
+    return rng.choice(ks, size=size, p=[prob[k] for k in ks])
+
+
 def scene_batch(seeds, num_objects=None) -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] (B, 3, 64, 64) and captions for the given scene seeds (and object counts)."""
     counts = [None] * len(seeds) if num_objects is None else num_objects
@@ -162,9 +168,7 @@ def finetune_decoder(vae, work: Path, steps: int, batch: int = 16, lr: float = 5
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
         seeds = rng.integers(2 * 10**8, 3 * 10**8, batch)
-        counts = None if num_objects_prob is None else rng.choice(
-            sorted(num_objects_prob), size=batch, p=[num_objects_prob[k] for k in sorted(num_objects_prob)])
-        x, _ = scene_batch(seeds, counts)
+        x, _ = scene_batch(seeds, None if num_objects_prob is None else draw_object_counts(rng, num_objects_prob, batch))
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
@@ -218,14 +222,11 @@ def encode_latents(vae, work: Path, num: int, batch: int = 256, seed0: int = 0,
     path = work / "latents.safetensors"
     if path.exists() and load_file(str(path))["latents"].shape[0] == num:
         return
-    counts = None
-    if num_objects_prob is not None:
-        ks = sorted(num_objects_prob)
-        counts = np.random.default_rng(123).choice(ks, size=num, p=[num_objects_prob[k] for k in ks])
+    counts = None if num_objects_prob is None else draw_object_counts(np.random.default_rng(123), num_objects_prob, num)
     lat, caps = [], []
     for i in tqdm(range(0, num, batch), desc="latents"):
-        js = range(i, min(num, i + batch))
-        x, c = scene_batch([seed0 + j for j in js], None if counts is None else [int(counts[j]) for j in js])
+        j = min(num, i + batch)
+        x, c = scene_batch(range(seed0 + i, seed0 + j), None if counts is None else counts[i:j])
         lat.append(vae.encode(x).latent_dist.mean)
         caps += c
     lat = torch.cat(lat)
@@ -236,11 +237,10 @@ def encode_latents(vae, work: Path, num: int, batch: int = 256, seed0: int = 0,
 def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: int = 64, lr: float = 3e-4,
                cond_drop: float = 0.1, ema_decay: float = 0.999, log_every: int = 100,
                ckpt_every: int = 1000, time_limit_s: float | None = None, seconds_before: float = 0.0,
-               warmup: int = 500, ema_warmup: bool = True, seed: int = 5678, ckpt_name: str = "unet_ckpt",
-               stop_at: int | None = None) -> list[float]:
+               warmup: int = 500, ema_warmup: bool = True, seed: int = 5678, stop_at: int | None = None) -> list[float]:
     """Epsilon-prediction training of UNet + text encoder on the cached latents of ``work``.
 
-    Starts from the modules' current weights (the EMA too) unless ``work/ckpt_name`` holds a
+    Starts from the modules' current weights (the EMA too) unless ``work/unet_ckpt`` holds a
     checkpoint. The learning rate warms up over ``warmup`` steps, then follows a cosine down to a
     tenth; the EMA decay ramps up to ``ema_decay`` when ``ema_warmup`` (from scratch) and is fixed
     otherwise (fine-tuning). Checkpoints record the stage's total seconds; ``seconds_before`` is
@@ -255,11 +255,11 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     ema = {"unet": {k: v.detach().clone() for k, v in unet.state_dict().items()},
            "text": {k: v.detach().clone() for k, v in text.state_dict().items()}}
-    ckpt = work / ckpt_name
+    ckpt = work / "unet_ckpt"
     start, seconds0 = 0, 0.0
     if (ckpt / "state.json").exists():
         st = _load_ckpt(ckpt, {"unet": unet, "text": text}, opt)
-        start, seconds0 = st["step"], st.get("seconds", seconds_before)
+        start, seconds0 = st["step"], st.get("seconds") or seconds_before
         ema = {"unet": load_file(str(ckpt / "ema_unet.safetensors")), "text": load_file(str(ckpt / "ema_text.safetensors"))}
     ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -372,12 +372,9 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
     if steps > 0:
         encode_latents(pipe.vae, work, num_latents, seed0=FINETUNE["seed0"], num_objects_prob=objects)
         ckpt = work / "unet_ckpt"
-        seconds_before = (json.loads((ckpt / "state.json").read_text()).get("seconds") or 0.0
-                          if (ckpt / "state.json").exists() else 0.0)
         train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, work, steps, pipe.vae.config.scaling_factor,
                    batch=batch, lr=lr, warmup=FINETUNE["warmup"], ema_decay=FINETUNE["ema_decay"], ema_warmup=False,
-                   seed=FINETUNE["seed"], ckpt_every=ckpt_every, time_limit_s=time_limit_s,
-                   seconds_before=seconds_before, stop_at=stop_at)
+                   seed=FINETUNE["seed"], ckpt_every=ckpt_every, time_limit_s=time_limit_s, stop_at=stop_at)
         st = json.loads((ckpt / "state.json").read_text())
         pipe.unet.load_state_dict(load_file(str(ckpt / "ema_unet.safetensors")))
         pipe.text_encoder.load_state_dict(load_file(str(ckpt / "ema_text.safetensors")))
