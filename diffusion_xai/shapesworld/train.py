@@ -222,7 +222,7 @@ def encode_latents(vae, work: Path, num: int, batch: int = 256, seed0: int = 0,
     path = work / "latents.safetensors"
     if path.exists() and load_file(str(path))["latents"].shape[0] == num:
         return
-    counts = None if num_objects_prob is None else draw_object_counts(np.random.default_rng(123), num_objects_prob, num)
+    counts = _latent_counts(num, num_objects_prob)
     lat, caps = [], []
     for i in tqdm(range(0, num, batch), desc="latents"):
         j = min(num, i + batch)
@@ -234,19 +234,57 @@ def encode_latents(vae, work: Path, num: int, batch: int = 256, seed0: int = 0,
     (work / "captions.json").write_text(json.dumps(caps))
 
 
+def _latent_counts(num: int, num_objects_prob: dict[int, float] | None):
+    """The object counts of the ``num`` cached scenes (None: the world's own, drawn by each scene)."""
+    return None if num_objects_prob is None else draw_object_counts(np.random.default_rng(123), num_objects_prob, num)
+
+
+def encode_grounding(tok, work: Path, num: int, seed0: int = 0, num_objects_prob: dict[int, float] | None = None,
+                     res: int = IMAGE_SIZE // 8) -> None:
+    """Grounding targets of the scenes :func:`encode_latents` cached (same seeds and object counts):
+    ``owners`` (num, 77) int8, the object each caption token describes (-1: none), and ``masks``
+    (num, 3, res, res), each object's area fraction per latent cell."""
+    from .grounding import object_masks, token_owners
+
+    path = work / "grounding.safetensors"
+    if path.exists() and load_file(str(path))["owners"].shape[0] == num:
+        return
+    counts = _latent_counts(num, num_objects_prob)
+    captions = json.loads((work / "captions.json").read_text()) if (work / "captions.json").exists() else None
+    owners, masks, cache = [], [], {}
+    for j in tqdm(range(num), desc="grounding"):
+        sc = sample_scene(seed0 + j, None if counts is None else int(counts[j]))
+        if captions is not None and captions[j] != sc.caption:
+            raise RuntimeError(f"scene {seed0 + j} does not reproduce cached caption {j} ({captions[j]!r} vs "
+                               f"{sc.caption!r}); the latents in {work} were made with other seeds or counts")
+        owners.append(token_owners(sc, tok, cache=cache))
+        masks.append(object_masks(sc, res))
+    save_file({"owners": torch.from_numpy(np.stack(owners)), "masks": torch.from_numpy(np.stack(masks)).half()},
+              str(path))
+
+
 def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: int = 64, lr: float = 3e-4,
                cond_drop: float = 0.1, ema_decay: float = 0.999, log_every: int = 100,
                ckpt_every: int = 1000, time_limit_s: float | None = None, seconds_before: float = 0.0,
-               warmup: int = 500, ema_warmup: bool = True, seed: int = 5678, stop_at: int | None = None) -> list[float]:
-    """Epsilon-prediction training of UNet + text encoder on the cached latents of ``work``.
+               warmup: int = 500, ema_warmup: bool = True, seed: int = 5678, stop_at: int | None = None,
+               grounding: float = 0.0, grounding_pixel: float = 0.0) -> list[float]:
+    """Epsilon-prediction training of UNet + text encoder on the cached latents of ``work``; returns
+    the denoising (MSE) loss of every step.
 
     Starts from the modules' current weights (the EMA too) unless ``work/unet_ckpt`` holds a
     checkpoint. The learning rate warms up over ``warmup`` steps, then follows a cosine down to a
     tenth; the EMA decay ramps up to ``ema_decay`` when ``ema_warmup`` (from scratch) and is fixed
     otherwise (fine-tuning). Checkpoints record the stage's total seconds; ``seconds_before`` is
     that total for a checkpoint written before they did. ``stop_at`` ends the run (checkpointed)
-    at that step of the ``steps``-long schedule."""
+    at that step of the ``steps``-long schedule. ``grounding > 0`` adds that multiple of the token
+    grounding loss (:mod:`.grounding`; needs ``work/grounding.safetensors`` from
+    :func:`encode_grounding`) on the cross-attention layers at latent resolution and half of it, plus
+    ``grounding_pixel`` times its pixel term."""
+    from contextlib import ExitStack
+
     from diffusers import DDPMScheduler
+
+    from .grounding import AttentionTap, grounding_loss, pixel_grounding_loss
 
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
     latents = load_file(str(work / "latents.safetensors"))["latents"] * scaling
@@ -262,53 +300,76 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
         start, seconds0 = st["step"], st.get("seconds") or seconds_before
         ema = {"unet": load_file(str(ckpt / "ema_unet.safetensors")), "text": load_file(str(ckpt / "ema_text.safetensors"))}
     ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    if grounding < 0 or grounding_pixel < 0:
+        raise ValueError(f"grounding and grounding_pixel must be >= 0, got {grounding} and {grounding_pixel}")
+    tap = AttentionTap() if grounding > 0 else None
+    if tap is not None:
+        gpath = work / "grounding.safetensors"
+        if not gpath.exists():
+            raise FileNotFoundError(f"grounding={grounding} needs {gpath}; make it with encode_grounding")
+        gdata = load_file(str(gpath))
+        owners_all, masks_all = gdata["owners"].long(), gdata["masks"].float()
+        if owners_all.shape[0] != latents.shape[0]:
+            raise ValueError(f"{gpath} has {owners_all.shape[0]} scenes, the latents {latents.shape[0]}")
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     abar = sched.alphas_cumprod
     g = torch.Generator().manual_seed(seed + start)
     unet.train()
     text.train()
-    losses = []
+    losses, glosses = [], []
     t0 = time.time()
     end = steps if stop_at is None else min(steps, stop_at)
     bar = tqdm(range(start, end), desc="unet", initial=start, total=end)
-    for step in bar:
-        warm = min(1.0, (step + 1) / warmup)
-        for grp in opt.param_groups:
-            grp["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
-        idx = torch.randint(0, latents.shape[0], (batch,), generator=g)
-        x0 = latents[idx]
-        ids = ids_all[idx].clone()
-        drop = torch.rand(batch, generator=g) < cond_drop
-        ids[drop] = empty
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        emb = text(ids)[0]
-        pred = unet(xt, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
-            for name, m in (("unet", unet), ("text", text)):
-                for k, v in m.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[name][k].mul_(d).add_(v.detach(), alpha=1 - d)
-                    else:
-                        ema[name][k].copy_(v)
-        losses.append(loss.item())
-        if step % log_every == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
-        out_of_time = time_limit_s is not None and time.time() - t0 > time_limit_s
-        if (step + 1) % ckpt_every == 0 or step + 1 == end or out_of_time:
-            _save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1, {"seconds": seconds0 + time.time() - t0})
-            save_file(ema["unet"], str(ckpt / "ema_unet.safetensors"))
-            save_file(ema["text"], str(ckpt / "ema_text.safetensors"))
-        if out_of_time:
-            break
+    hooks = ExitStack()
+    if tap is not None:
+        hooks.enter_context(tap.installed(unet))
+    with hooks:  # the grounding tap (if any) leaves the UNet's processors as they were
+        for step in bar:
+            warm = min(1.0, (step + 1) / warmup)
+            for grp in opt.param_groups:
+                grp["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            idx = torch.randint(0, latents.shape[0], (batch,), generator=g)
+            x0 = latents[idx]
+            ids = ids_all[idx].clone()
+            drop = torch.rand(batch, generator=g) < cond_drop
+            ids[drop] = empty
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, 1000, (batch,), generator=g)
+            a = abar[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            emb = text(ids)[0]
+            pred = unet(xt, t, encoder_hidden_states=emb).sample
+            loss = mse = F.mse_loss(pred, noise)
+            if tap is not None:
+                o, m = owners_all[idx], masks_all[idx]
+                gl = grounding_loss(tap.probs, o, m, valid=~drop)
+                if grounding_pixel > 0:
+                    gl = gl + grounding_pixel * pixel_grounding_loss(tap.probs, o, m, valid=~drop)
+                glosses.append(gl.item())
+                loss = loss + grounding * gl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                d = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
+                for name, m in (("unet", unet), ("text", text)):
+                    for k, v in m.state_dict().items():
+                        if v.dtype.is_floating_point:
+                            ema[name][k].mul_(d).add_(v.detach(), alpha=1 - d)
+                        else:
+                            ema[name][k].copy_(v)
+            losses.append(mse.item())
+            if step % log_every == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}",
+                                **({"grounding": f"{np.mean(glosses[-log_every:]):.3f}"} if glosses else {}))
+            out_of_time = time_limit_s is not None and time.time() - t0 > time_limit_s
+            if (step + 1) % ckpt_every == 0 or step + 1 == end or out_of_time:
+                _save_ckpt(ckpt, {"unet": unet, "text": text}, opt, step + 1, {"seconds": seconds0 + time.time() - t0})
+                save_file(ema["unet"], str(ckpt / "ema_unet.safetensors"))
+                save_file(ema["text"], str(ckpt / "ema_text.safetensors"))
+            if out_of_time:
+                break
     unet.eval()
     text.eval()
     return losses
@@ -338,7 +399,7 @@ def export(work: Path, out: Path, tiny: bool = False, use_ema: bool = True) -> P
 # from 0.96 to 0.99; the UNet part (more two-object scenes, off by default) draws more two-object
 # scenes right but moves injected-bias shares more than 10 points off.
 FINETUNE = dict(steps=0, stop_at=None, lr=1e-4, num_latents=30000, seed0=10**7, objects={1: 0.35, 2: 0.5, 3: 0.15},
-                warmup=200, ema_decay=0.998, seed=999,
+                warmup=200, ema_decay=0.998, seed=999, grounding=0.0, grounding_pixel=0.0,
                 # and the decoder (encoder frozen), on the crowded scenes whose small shapes it blurred
                 decoder_steps=2000, decoder_lr=2e-4, decoder_objects={1: 0.25, 2: 0.35, 3: 0.4})
 
@@ -348,12 +409,14 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
              num_latents: int = FINETUNE["num_latents"], objects: dict[int, float] | None = None,
              batch: int = 64, time_limit_s: float | None = None, ckpt_every: int = 500,
              decoder_steps: int = FINETUNE["decoder_steps"], decoder_lr: float = FINETUNE["decoder_lr"],
-             vae_check: int = 400) -> dict:
+             vae_check: int = 400, grounding: float = FINETUNE["grounding"],
+             grounding_pixel: float = FINETUNE["grounding_pixel"]) -> dict:
     """Continue training the UNet + text encoder of the pipeline in ``init``, then its VAE decoder.
 
     Latents of ``num_latents`` fresh scenes whose object counts follow ``objects`` (default
     ``FINETUNE["objects"]``) are cached in ``work``; training follows a ``steps``-long schedule,
-    ends at ``stop_at`` (None: at the end) and is resumable there. The decoder is
+    ends at ``stop_at`` (None: at the end) and is resumable there; ``grounding > 0`` adds the token
+    grounding loss (:mod:`.grounding`) with that weight. The decoder is
     then sharpened for ``decoder_steps`` with the encoder frozen (so the latents, and the UNet's
     data, do not move) and checked by the oracle on ``vae_check`` held-out scenes. The EMA weights
     and the decoder are exported to ``out`` (which may be ``init``) with the fine-tuning recorded
@@ -363,24 +426,28 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
     objects = dict(FINETUNE["objects"] if objects is None else objects)
     if any(k not in (1, 2, 3) or v < 0 for k, v in objects.items()) or not math.isclose(sum(objects.values()), 1.0):
         raise ValueError(f"objects must map object counts 1-3 to probabilities summing to 1, got {objects}")
-    if steps < 0 or decoder_steps < 0:
-        raise ValueError(f"steps and decoder_steps must be >= 0, got {steps} and {decoder_steps}")
+    if min(steps, decoder_steps, grounding, grounding_pixel) < 0:
+        raise ValueError(f"steps, decoder_steps, grounding and grounding_pixel must be >= 0, got {steps}, "
+                         f"{decoder_steps}, {grounding} and {grounding_pixel}")
     work.mkdir(parents=True, exist_ok=True)
     pipe = load_shapesworld_pipeline(init)
     record = json.loads((Path(init) / "training.json").read_text()) if (Path(init) / "training.json").exists() else {}
     record["finetune"] = {"steps_done": 0}
     if steps > 0:
         encode_latents(pipe.vae, work, num_latents, seed0=FINETUNE["seed0"], num_objects_prob=objects)
+        if grounding > 0:
+            encode_grounding(pipe.tokenizer, work, num_latents, seed0=FINETUNE["seed0"], num_objects_prob=objects)
         ckpt = work / "unet_ckpt"
         train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, work, steps, pipe.vae.config.scaling_factor,
                    batch=batch, lr=lr, warmup=FINETUNE["warmup"], ema_decay=FINETUNE["ema_decay"], ema_warmup=False,
-                   seed=FINETUNE["seed"], ckpt_every=ckpt_every, time_limit_s=time_limit_s, stop_at=stop_at)
+                   seed=FINETUNE["seed"], ckpt_every=ckpt_every, time_limit_s=time_limit_s, stop_at=stop_at,
+                   grounding=grounding, grounding_pixel=grounding_pixel)
         st = json.loads((ckpt / "state.json").read_text())
         pipe.unet.load_state_dict(load_file(str(ckpt / "ema_unet.safetensors")))
         pipe.text_encoder.load_state_dict(load_file(str(ckpt / "ema_text.safetensors")))
         record["finetune"] = {"steps_done": st["step"], "schedule_steps": steps, "seconds": st["seconds"], "lr": lr,
                               "num_latents": num_latents, "objects": {str(k): v for k, v in objects.items()},
-                              "batch": batch}
+                              "batch": batch, "grounding": grounding, "grounding_pixel": grounding_pixel}
     if decoder_steps > 0:
         finetune_decoder(pipe.vae, work, decoder_steps, lr=decoder_lr, num_objects_prob=FINETUNE["decoder_objects"])
         dst = json.loads((work / "decoder_ckpt" / "state.json").read_text())
@@ -424,6 +491,11 @@ def main(argv=None) -> None:
     p.add_argument("--finetune-lr", type=float, default=FINETUNE["lr"])
     p.add_argument("--finetune-latents", type=int, default=FINETUNE["num_latents"])
     p.add_argument("--finetune-decoder-steps", type=int, default=FINETUNE["decoder_steps"])
+    p.add_argument("--finetune-grounding", type=float, default=FINETUNE["grounding"],
+                   help="UNet: weight of the token grounding loss (cross-attention of a word on its object; 0: off)")
+    p.add_argument("--finetune-grounding-pixel", type=float, default=FINETUNE["grounding_pixel"],
+                   help="UNet: weight, relative to --finetune-grounding, of its pixel term (an object's positions "
+                        "attend to its own words)")
     p.add_argument("--finetune-objects", default=None,
                    help="UNet: shares of scenes with 1,2,3 objects, e.g. 0.5,0.35,0.15 (the world's own); "
                         f"default {','.join(str(v) for v in FINETUNE['objects'].values())}")
@@ -443,7 +515,8 @@ def main(argv=None) -> None:
         rec = finetune(a.init, a.work, a.out, steps=a.finetune_steps, stop_at=a.finetune_stop_at or None,
                        lr=a.finetune_lr,
                        num_latents=a.finetune_latents, objects=objects, batch=a.batch,
-                       decoder_steps=a.finetune_decoder_steps,
+                       decoder_steps=a.finetune_decoder_steps, grounding=a.finetune_grounding,
+                       grounding_pixel=a.finetune_grounding_pixel,
                        time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None)
         ft = rec["finetune"]
         print(f"fine-tuned: UNet {ft['steps_done']} steps, decoder {ft.get('decoder_steps', 0)} steps "
