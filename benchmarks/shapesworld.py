@@ -4,7 +4,9 @@
 
 Judged by the oracle over seeded samples at the model's default steps and guidance:
 - single-object prompts ("a {colour} {shape} on the {position}"): colour / shape / position correct;
-- two-object prompts ("a {colour} {shape} and a {colour} {shape}"): both objects right;
+- two-object prompts ("a {colour} {shape} and a {colour} {shape}"): both objects right, and what goes
+  wrong (colour / shape sets, an object's colour or shape drawn twice, binding: of the samples with
+  the right colours and distinct shapes, the share paired as the prompt says);
 - every injected bias (prompts that omit the attribute) against its true share, and the
   control shape against uniform;
 - seconds per image at the default steps, and the training record (VAE agreement, time).
@@ -66,8 +68,12 @@ def sample(xp: XAIPipeline, prompts: list[str], seed: int, batch: int = 100) -> 
     return out
 
 
+def single_specs(n: int, rng) -> list[tuple[str, str, str]]:
+    return [(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), str(rng.choice(POSITIONS))) for _ in range(n)]
+
+
 def single_object(xp, n: int, rng) -> dict:
-    specs = [(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)), str(rng.choice(POSITIONS))) for _ in range(n)]
+    specs = single_specs(n, rng)
     prompts = [f"a {c} {s} {'in' if p == 'center' else 'on'} the {p}" for c, s, p in specs]
     judged = sample(xp, prompts, seed=1000)
     res = {"color": 0, "shape": 0, "position": 0, "one_object": 0}
@@ -88,12 +94,34 @@ def two_objects(xp, n: int, rng) -> dict:
         s1, s2 = rng.choice(SHAPES, 2, replace=True)
         specs.append((str(c1), str(s1), str(c2), str(s2)))
     prompts = [f"a {c1} {s1} and a {c2} {s2}" for c1, s1, c2, s2 in specs]
-    judged = sample(xp, prompts, seed=2000)
-    both = 0
+    return two_object_breakdown(specs, sample(xp, prompts, seed=2000))
+
+
+def two_object_breakdown(specs, judged) -> dict:
+    """Shares over (colour1, shape1, colour2, shape2) prompts of what the oracle saw (lists of objects)."""
+    n = len(specs)
+    c = dict.fromkeys(("both_right", "colors_right", "shapes_right", "first_color_twice", "second_color_twice",
+                       "first_shape_twice", "second_shape_twice", "sets_right_distinct_shapes", "bound_right"), 0)
     for (c1, s1, c2, s2), objs in zip(specs, judged):
         seen = sorted((o.color, o.shape) for o in objs)
-        both += seen == sorted([(c1, s1), (c2, s2)])
-    return {"both_right": both / n}
+        both = seen == sorted([(c1, s1), (c2, s2)])
+        colors, shapes = sorted(o.color for o in objs), sorted(o.shape for o in objs)
+        c["both_right"] += both
+        c["colors_right"] += colors == sorted([c1, c2])
+        c["shapes_right"] += shapes == sorted([s1, s2])
+        c["first_color_twice"] += colors == [c1, c1]
+        c["second_color_twice"] += colors == [c2, c2]
+        c["first_shape_twice"] += s1 != s2 and shapes == [s1, s1]
+        c["second_shape_twice"] += s1 != s2 and shapes == [s2, s2]
+        if s1 != s2 and colors == sorted([c1, c2]) and shapes == sorted([s1, s2]):
+            c["sets_right_distinct_shapes"] += 1
+            c["bound_right"] += both
+    out = {k: v / n for k, v in c.items() if k not in ("sets_right_distinct_shapes", "bound_right")}
+    # binding: of the samples that hold the right colours and the right (distinct) shapes, the share
+    # that pairs them as the prompt does (0.5 = chance)
+    out["binding"] = c["bound_right"] / max(1, c["sets_right_distinct_shapes"])
+    out["binding_n"] = c["sets_right_distinct_shapes"]
+    return out
 
 
 def biases(xp, n: int) -> list[dict]:
@@ -127,6 +155,8 @@ def main() -> None:
     p.add_argument("--name", default="shapesworld", help="name of the JSON written")
     p.add_argument("--guidance", type=float, default=None, help="override the default guidance scale")
     p.add_argument("--biases-only", action="store_true", help="only the bias table (e.g. at another guidance)")
+    p.add_argument("--two-objects-only", action="store_true",
+                   help="only the two-object family and its failure breakdown (same prompts and seeds)")
     p.add_argument("--selection", action="store_true",
                    help="other prompts and seeds, for choosing between model variants (write with --name)")
     a = p.parse_args()
@@ -142,6 +172,13 @@ def main() -> None:
     guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
     xp = XAIPipeline(load_shapesworld_pipeline(folder), batch_size=256, default_steps=DEFAULT_STEPS,
                      default_guidance=guidance)
+    if a.two_objects_only:
+        single_specs(a.samples, rng)  # the prompts the full run draws first
+        two = two_objects(xp, a.samples, rng)
+        print(table([two], f"Two-object prompts ({a.samples}): both right, and what goes wrong"))
+        print("\nwrote", write_json(a.name, {"two_objects": two, "samples": a.samples, "selection": a.selection,
+                                             "model": a.model or "embedded"}))
+        return
     if a.biases_only:
         rows = biases(xp, a.samples)
         print(table(rows, f"Injected biases reproduced by the model at guidance {guidance} (bar: gap <= 0.10)"))
@@ -162,6 +199,8 @@ def main() -> None:
                                ("position", one["position"], 0.85), ("exactly one object", one["one_object"], None))]
     quality.append({"family": "two objects", "metric": "both right", "value": two["both_right"], "bar": 0.60})
     print()
+    print(table([two], "Two-object prompts: both right, and what goes wrong"))
+    print()
     print(table(quality, f"Model quality ({a.samples} samples per family, {DEFAULT_STEPS} steps, "
                          f"guidance {guidance})"))
     print()
@@ -175,7 +214,7 @@ def main() -> None:
               "unet_steps": training.get("unet_steps_done")}
     print()
     print(table([timing], "Sampling time and training record"))
-    print("\nwrote", write_json(a.name, {"oracle": oracle, "quality": quality, "biases": bias_rows,
+    print("\nwrote", write_json(a.name, {"oracle": oracle, "quality": quality, "two_objects": two, "biases": bias_rows,
                                          "timing": timing, "samples": a.samples, "synonyms": SYNONYMS,
                                          "selection": a.selection, "model": a.model or "embedded"}))
 
