@@ -160,3 +160,20 @@ def test_grounded_training_puts_word_attention_on_the_object(tmp_path, tiny):
         train.train_unet(unet, text, tok, tmp_path, steps=1, scaling=1.0, grounding=-0.5)
     with pytest.raises(ValueError, match="-1"):
         train.train_unet(unet, text, tok, tmp_path, steps=1, scaling=1.0, grounding=1.0, grounding_pixel=-1)
+    with pytest.raises(ValueError, match="pixel_min_objects"):
+        train.train_unet(unet, text, tok, tmp_path, steps=1, scaling=1.0, grounding=1.0, pixel_min_objects=4)
+
+    # the pixel term only on scenes of >= 3 objects: on these two-object scenes it adds nothing, so
+    # training is the same as without it, step for step; on >= 2 objects it is not
+    runs = {}
+    for name, kw in {"none": {}, "min3": dict(grounding_pixel=5.0, pixel_min_objects=3),
+                     "min2": dict(grounding_pixel=5.0, pixel_min_objects=2)}.items():
+        work = tmp_path / f"px_{name}"
+        work.mkdir()
+        for f in ("latents.safetensors", "captions.json", "grounding.safetensors"):
+            (work / f).write_bytes((tmp_path / f).read_bytes())
+        unet, text = copy.deepcopy(unet0), copy.deepcopy(text0)
+        train.train_unet(unet, text, tok, work, steps=3, scaling=1.0, batch=4, log_every=1000, grounding=1.0, **kw)
+        runs[name] = unet.state_dict()
+    assert all(torch.equal(runs["none"][k], runs["min3"][k]) for k in runs["none"])
+    assert not all(torch.equal(runs["none"][k], runs["min2"][k]) for k in runs["none"])

@@ -267,7 +267,7 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
                cond_drop: float = 0.1, ema_decay: float = 0.999, log_every: int = 100,
                ckpt_every: int = 1000, time_limit_s: float | None = None, seconds_before: float = 0.0,
                warmup: int = 500, ema_warmup: bool = True, seed: int = 5678, stop_at: int | None = None,
-               grounding: float = 0.0, grounding_pixel: float = 0.0) -> list[float]:
+               grounding: float = 0.0, grounding_pixel: float = 0.0, pixel_min_objects: int = 1) -> list[float]:
     """Epsilon-prediction training of UNet + text encoder on the cached latents of ``work``; returns
     the denoising (MSE) loss of every step.
 
@@ -279,7 +279,7 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
     at that step of the ``steps``-long schedule. ``grounding > 0`` adds that multiple of the token
     grounding loss (:mod:`.grounding`; needs ``work/grounding.safetensors`` from
     :func:`encode_grounding`) on the cross-attention layers at latent resolution and half of it, plus
-    ``grounding_pixel`` times its pixel term."""
+    ``grounding_pixel`` times its pixel term (on scenes of at least ``pixel_min_objects`` objects)."""
     from contextlib import ExitStack
 
     from diffusers import DDPMScheduler
@@ -302,6 +302,8 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
     ids_all = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     if grounding < 0 or grounding_pixel < 0:
         raise ValueError(f"grounding and grounding_pixel must be >= 0, got {grounding} and {grounding_pixel}")
+    if pixel_min_objects not in (1, 2, 3):
+        raise ValueError(f"pixel_min_objects must be 1, 2 or 3 (objects per scene), got {pixel_min_objects}")
     tap = AttentionTap() if grounding > 0 else None
     if tap is not None:
         gpath = work / "grounding.safetensors"
@@ -344,7 +346,8 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
                 o, m = owners_all[idx], masks_all[idx]
                 gl = grounding_loss(tap.probs, o, m, valid=~drop)
                 if grounding_pixel > 0:
-                    gl = gl + grounding_pixel * pixel_grounding_loss(tap.probs, o, m, valid=~drop)
+                    multi = (m.flatten(2).sum(-1) > 0).sum(1) >= pixel_min_objects
+                    gl = gl + grounding_pixel * pixel_grounding_loss(tap.probs, o, m, valid=~drop & multi)
                 glosses.append(gl.item())
                 loss = loss + grounding * gl
             opt.zero_grad(set_to_none=True)
@@ -399,7 +402,7 @@ def export(work: Path, out: Path, tiny: bool = False, use_ema: bool = True) -> P
 # from 0.96 to 0.99; the UNet part (more two-object scenes, off by default) draws more two-object
 # scenes right but moves injected-bias shares more than 10 points off.
 FINETUNE = dict(steps=0, stop_at=None, lr=1e-4, num_latents=30000, seed0=10**7, objects={1: 0.35, 2: 0.5, 3: 0.15},
-                warmup=200, ema_decay=0.998, seed=999, grounding=0.0, grounding_pixel=0.0,
+                warmup=200, ema_decay=0.998, seed=999, grounding=0.0, grounding_pixel=0.0, pixel_min_objects=1,
                 # and the decoder (encoder frozen), on the crowded scenes whose small shapes it blurred
                 decoder_steps=2000, decoder_lr=2e-4, decoder_objects={1: 0.25, 2: 0.35, 3: 0.4})
 
@@ -410,7 +413,8 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
              batch: int = 64, time_limit_s: float | None = None, ckpt_every: int = 500,
              decoder_steps: int = FINETUNE["decoder_steps"], decoder_lr: float = FINETUNE["decoder_lr"],
              vae_check: int = 400, grounding: float = FINETUNE["grounding"],
-             grounding_pixel: float = FINETUNE["grounding_pixel"]) -> dict:
+             grounding_pixel: float = FINETUNE["grounding_pixel"],
+             pixel_min_objects: int = FINETUNE["pixel_min_objects"]) -> dict:
     """Continue training the UNet + text encoder of the pipeline in ``init``, then its VAE decoder.
 
     Latents of ``num_latents`` fresh scenes whose object counts follow ``objects`` (default
@@ -441,13 +445,14 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
         train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, work, steps, pipe.vae.config.scaling_factor,
                    batch=batch, lr=lr, warmup=FINETUNE["warmup"], ema_decay=FINETUNE["ema_decay"], ema_warmup=False,
                    seed=FINETUNE["seed"], ckpt_every=ckpt_every, time_limit_s=time_limit_s, stop_at=stop_at,
-                   grounding=grounding, grounding_pixel=grounding_pixel)
+                   grounding=grounding, grounding_pixel=grounding_pixel, pixel_min_objects=pixel_min_objects)
         st = json.loads((ckpt / "state.json").read_text())
         pipe.unet.load_state_dict(load_file(str(ckpt / "ema_unet.safetensors")))
         pipe.text_encoder.load_state_dict(load_file(str(ckpt / "ema_text.safetensors")))
         record["finetune"] = {"steps_done": st["step"], "schedule_steps": steps, "seconds": st["seconds"], "lr": lr,
                               "num_latents": num_latents, "objects": {str(k): v for k, v in objects.items()},
-                              "batch": batch, "grounding": grounding, "grounding_pixel": grounding_pixel}
+                              "batch": batch, "grounding": grounding, "grounding_pixel": grounding_pixel,
+                              "pixel_min_objects": pixel_min_objects}
     if decoder_steps > 0:
         finetune_decoder(pipe.vae, work, decoder_steps, lr=decoder_lr, num_objects_prob=FINETUNE["decoder_objects"])
         dst = json.loads((work / "decoder_ckpt" / "state.json").read_text())
@@ -496,6 +501,8 @@ def main(argv=None) -> None:
     p.add_argument("--finetune-grounding-pixel", type=float, default=FINETUNE["grounding_pixel"],
                    help="UNet: weight, relative to --finetune-grounding, of its pixel term (an object's positions "
                         "attend to its own words)")
+    p.add_argument("--finetune-pixel-min-objects", type=int, default=FINETUNE["pixel_min_objects"], choices=(1, 2, 3),
+                   help="UNet: apply the pixel term to scenes with at least this many objects")
     p.add_argument("--finetune-objects", default=None,
                    help="UNet: shares of scenes with 1,2,3 objects, e.g. 0.5,0.35,0.15 (the world's own); "
                         f"default {','.join(str(v) for v in FINETUNE['objects'].values())}")
@@ -516,7 +523,7 @@ def main(argv=None) -> None:
                        lr=a.finetune_lr,
                        num_latents=a.finetune_latents, objects=objects, batch=a.batch,
                        decoder_steps=a.finetune_decoder_steps, grounding=a.finetune_grounding,
-                       grounding_pixel=a.finetune_grounding_pixel,
+                       grounding_pixel=a.finetune_grounding_pixel, pixel_min_objects=a.finetune_pixel_min_objects,
                        time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None)
         ft = rec["finetune"]
         print(f"fine-tuned: UNet {ft['steps_done']} steps, decoder {ft.get('decoder_steps', 0)} steps "
