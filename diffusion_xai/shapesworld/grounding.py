@@ -57,9 +57,18 @@ def object_masks(scene: Scene, res: int) -> np.ndarray:
     """(MAX_OBJECTS, res, res) float32: each object's area fraction per cell of a res x res grid."""
     out = np.zeros((MAX_OBJECTS, res, res), dtype=np.float32)
     for i, obj in enumerate(scene.objects):
-        m = torch.from_numpy(np.asarray(obj.mask, dtype=np.float32))[None, None]
-        out[i] = F.adaptive_avg_pool2d(m, res)[0, 0].numpy()
+        k = obj.mask.shape[0] // res
+        out[i] = obj.mask.reshape(res, k, res, k).mean(axis=(1, 3))
     return out
+
+
+def _layers(probs: dict[str, torch.Tensor], masks: torch.Tensor):
+    """Per layer: attention averaged over heads (batch, h*w, keys) and the masks pooled to its grid
+    (batch, objects, h*w)."""
+    for p in probs.values():
+        a = p.mean(1)
+        side = int(round(a.shape[1] ** 0.5))
+        yield a, F.adaptive_avg_pool2d(masks, side).flatten(2)
 
 
 def grounding_loss(probs: dict[str, torch.Tensor], owners: torch.Tensor, masks: torch.Tensor,
@@ -80,10 +89,8 @@ def grounding_loss(probs: dict[str, torch.Tensor], owners: torch.Tensor, masks: 
     if n == 0 or not probs:
         return masks.new_zeros(())
     total = masks.new_zeros(())
-    for p in probs.values():
-        a = p.mean(1).transpose(1, 2)  # (batch, keys, h*w)
-        side = int(round(a.shape[-1] ** 0.5))
-        m = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (batch, objects, h*w)
+    for a, m in _layers(probs, masks):
+        a = a.transpose(1, 2)  # (batch, keys, h*w)
         mt = torch.gather(m, 1, owners.clamp(min=0)[:, :, None].expand(-1, -1, m.shape[-1]))
         share = (a * mt).sum(-1) / a.sum(-1).clamp_min(1e-8)
         total = total + (((1 - share) ** 2) * grounded).sum() / n
@@ -106,10 +113,8 @@ def pixel_grounding_loss(probs: dict[str, torch.Tensor], owners: torch.Tensor, m
     if not probs or not valid.any():
         return total
     own = F.one_hot(owners.clamp(min=0), MAX_OBJECTS).to(masks.dtype) * (owners >= 0)[..., None]  # (b, keys, obj)
-    for p in probs.values():
-        a = p.mean(1)  # (batch, h*w, keys)
-        side = int(round(a.shape[1] ** 0.5))
-        m = F.adaptive_avg_pool2d(masks, side).flatten(2) * valid[:, None, None]  # (batch, obj, h*w)
+    for a, m in _layers(probs, masks):
+        m = m * valid[:, None, None]
         own_mass = torch.einsum("bpk,bko->bop", a, own)
         total = total + ((1 - own_mass) ** 2 * m).sum() / m.sum().clamp_min(1e-8)
     return total / len(probs)

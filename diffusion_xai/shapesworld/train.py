@@ -313,6 +313,7 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
         owners_all, masks_all = gdata["owners"].long(), gdata["masks"].float()
         if owners_all.shape[0] != latents.shape[0]:
             raise ValueError(f"{gpath} has {owners_all.shape[0]} scenes, the latents {latents.shape[0]}")
+        pixel_rows = (masks_all.flatten(2).sum(-1) > 0).sum(1) >= pixel_min_objects  # scenes the pixel term sees
     empty = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     abar = sched.alphas_cumprod
     g = torch.Generator().manual_seed(seed + start)
@@ -343,11 +344,11 @@ def train_unet(unet, text, tok, work: Path, steps: int, scaling: float, batch: i
             pred = unet(xt, t, encoder_hidden_states=emb).sample
             loss = mse = F.mse_loss(pred, noise)
             if tap is not None:
-                o, m = owners_all[idx], masks_all[idx]
-                gl = grounding_loss(tap.probs, o, m, valid=~drop)
+                own, obj_masks = owners_all[idx], masks_all[idx]
+                gl = grounding_loss(tap.probs, own, obj_masks, valid=~drop)
                 if grounding_pixel > 0:
-                    multi = (m.flatten(2).sum(-1) > 0).sum(1) >= pixel_min_objects
-                    gl = gl + grounding_pixel * pixel_grounding_loss(tap.probs, o, m, valid=~drop & multi)
+                    gl = gl + grounding_pixel * pixel_grounding_loss(tap.probs, own, obj_masks,
+                                                                     valid=~drop & pixel_rows[idx])
                 glosses.append(gl.item())
                 loss = loss + grounding * gl
             opt.zero_grad(set_to_none=True)
