@@ -145,7 +145,8 @@ def debias(xp, a) -> dict:
            "initial_max_gap": h[0]["max_gap"], "final_max_gap": h[-1]["max_gap"], "rounds": len(h) - 1,
            "red_share_before": h[0]["shares"]["red"], "red_share_after": h[-1]["shares"]["red"],
            "converged": h[-1]["max_gap"] < 0.05, "alpha": h[-1]["alpha"], "solve_s": edit.edit_time_s,
-           "wall_s": wall, "images_per_round": a.debias_samples}
+           "wall_s": wall, "images_per_round": a.debias_samples, "step_decay": edit.params["step_decay"],
+           "history": h}
     edit.remove()
     return res
 

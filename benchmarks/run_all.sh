@@ -22,7 +22,7 @@ lane_a() {
       --token-positions word_to_eos --guide anchor --num-samples 8 --no-sd15 --no-debias --name erasure_finetune
 }
 lane_b() {
-  run inconsistency benchmarks/inconsistency.py --tune 40 --test 40 --save-calibration
+  run inconsistency benchmarks/inconsistency.py --tune 120 --test 40 --save-calibration
   run tweaks benchmarks/tweaks.py --held-out tuned --multi 3 --tune-samples 40 --samples 200
   run audit benchmarks/audit.py --images 200 --diffusion-images 50 --render-images 1000 --render-diffusion-images 200 --speedup
   run pid benchmarks/pid.py --source rendered --images 60 --synonym-images 32 --bias-images 16 --samples 50

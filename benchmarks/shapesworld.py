@@ -194,6 +194,7 @@ def main() -> None:
     two = two_objects(xp, a.samples, rng)
     bias_rows = biases(xp, a.samples)
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
+    finetunes = training.get("finetunes", [training["finetune"]] if "finetune" in training else [])
     quality = [{"family": "single object", "metric": k, "value": v, "bar": b}
                for k, v, b in (("color", one["color"], 0.95), ("shape", one["shape"], 0.90),
                                ("position", one["position"], 0.85), ("exactly one object", one["one_object"], None))]
@@ -209,8 +210,8 @@ def main() -> None:
               "vae_oracle_agreement": vae_oracle_agreement(xp.pipe.vae, n=400),
               "training_minutes": (training.get("vae_seconds", 0) + training.get("decoder_seconds", 0)
                                    + training.get("unet_seconds", 0)
-                                   + (training.get("finetune", {}).get("seconds") or 0)
-                                   + (training.get("finetune", {}).get("decoder_seconds") or 0)) / 60,
+                                   + sum((f.get("seconds") or 0) + (f.get("decoder_seconds") or 0)
+                                         for f in finetunes)) / 60,
               "unet_steps": training.get("unet_steps_done")}
     print()
     print(table([timing], "Sampling time and training record"))

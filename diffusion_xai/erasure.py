@@ -25,9 +25,12 @@ Four methods, one handle:
   random timesteps. Resumable: ``resume_from`` a saved finetune edit continues to ``steps`` in total, with
   the optimiser state, and gives the same weights as an uninterrupted run.
 * ``debias`` -- the UCE debias variant: the concept's vectors are sent to g = c + sum_a alpha_a c_a (c_a:
-  the concept with attribute a, ``attribute_template``), and alpha is iterated, alpha_a += step_size
+  the concept with attribute a, ``attribute_template``), and alpha is iterated, alpha_a += s_a
   (target_a - share_a), where the shares are measured by any ``judge`` on generated images, until every
-  gap is below ``tol`` (or ``rounds`` rounds).
+  gap is below ``tol`` (or ``rounds`` rounds). Each attribute's step s_a starts at ``step_size`` and is
+  multiplied by ``step_decay`` whenever its gap changes sign from one round to the next (Kesten's rule for
+  stochastic root finding): a fixed step that overshoots makes the shares jump between two states for
+  ever, as it did on the grounded ShapesWorld model (circle red share 0.06 <-> 0.29 for 15 rounds).
 
 Which token positions give the vectors (METHODS.md leaves it open) is ``token_positions``: ``"last"``
 takes the concept's last token only; ``"word_to_eos"`` takes that token and every later position through
@@ -624,7 +627,7 @@ def erase(xp, concepts: str | Sequence[str], preserve: str | Sequence[str] = (),
           projections: Sequence[str] = ("to_k", "to_v"),
           targets: dict[str, float] | None = None, judge: Callable | None = None,
           prompts: Sequence[str] | None = None, attribute_template: str = "{attribute} {concept}",
-          rounds: int = 30, tol: float = 0.05, step_size: float = 1.0,
+          rounds: int = 30, tol: float = 0.05, step_size: float = 1.0, step_decay: float = 0.5,
           num_inference_steps: int | None = None, guidance_scale: float | None = None,
           height: int | None = None, width: int | None = None, seed: int = 0, progress: bool = True) -> Edit:
     """Erase concepts from ``xp``'s UNet; returns the :class:`Edit` (already enabled). Maths: module docstring.
@@ -647,12 +650,13 @@ def erase(xp, concepts: str | Sequence[str], preserve: str | Sequence[str] = (),
             ESD's full fine-tuning, 5e-5), negative-guidance strength, LoRA rank, rows per step, frozen-model
             samples of the concept prompts, a saved finetune edit to continue, which ``attn2`` projections
             get the LoRA (ESD-x: cross-attention only).
-        targets, judge, prompts, attribute_template, rounds, tol, step_size: debias (``debias``): target share
+        targets, judge, prompts, attribute_template, rounds, tol, step_size, step_decay: debias (``debias``): target share
             of each attribute value (summing to 1); ``judge(images: list[PIL.Image]) -> list[str | None]``,
             the attribute value seen in each image (None or unknown values are not counted); the prompts
             that are generated to measure (default: ``templates`` filled with the concept); text of the
-            concept with an attribute; most rounds; stop when every |target - share| < tol; alpha update
-            step. ``num_samples`` images per prompt are generated each round.
+            concept with an attribute; most rounds; stop when every |target - share| < tol; first alpha
+            update step; factor in (0, 1] on an attribute's step when its gap changes sign (1: fixed steps).
+            ``num_samples`` images per prompt are generated each round.
         num_inference_steps, guidance_scale, height, width: sampling of ``finetune`` and ``debias`` (default:
             the wrapper's steps and guidance, the pipeline's size).
         seed: seeds everything random (neighbours, LoRA init, training draws, generations).
@@ -718,8 +722,9 @@ def erase(xp, concepts: str | Sequence[str], preserve: str | Sequence[str] = (),
     if method == "debias":
         return _debias(xp, name, concepts, preserve, guide, templates, params, vec, modules, targets=targets,
                        judge=judge, prompts=prompts, attribute_template=attribute_template, rounds=rounds, tol=tol,
-                       step_size=step_size, num_samples=num_samples, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, size=(height, width), seed=seed, progress=progress, t0=t0)
+                       step_size=step_size, step_decay=step_decay, num_samples=num_samples,
+                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, size=(height, width),
+                       seed=seed, progress=progress, t0=t0)
 
     t1 = time.perf_counter()
     factors, rank_ = _closed_form_all(unet, modules, vec, lam, erase_scale, preserve_scale)
@@ -748,8 +753,15 @@ def _closed_form_all(unet, modules, vec: EditVectors, lam, erase_scale, preserve
 # --------------------------------------------------------------------------------------------- debias
 
 
+def debias_update(alpha: dict, steps: dict, gaps: dict, prev_gaps: dict | None, decay: float) -> tuple[dict, dict]:
+    """One debias round: an attribute's step is multiplied by ``decay`` when its gap (target - share) has
+    changed sign since the previous round, then ``alpha_a += step_a * gap_a``. Returns new (alpha, steps)."""
+    steps = {a: s * decay if prev_gaps is not None and gaps[a] * prev_gaps[a] < 0 else s for a, s in steps.items()}
+    return {a: alpha[a] + steps[a] * gaps[a] for a in alpha}, steps
+
+
 def _debias(xp, name, concepts, preserve, guide, templates, params, vec, modules, *, targets, judge, prompts,
-            attribute_template, rounds, tol, step_size, num_samples, num_inference_steps, guidance_scale, size,
+            attribute_template, rounds, tol, step_size, step_decay, num_samples, num_inference_steps, guidance_scale, size,
             seed, progress, t0) -> Edit:
     from tqdm.auto import tqdm
 
@@ -767,6 +779,8 @@ def _debias(xp, name, concepts, preserve, guide, templates, params, vec, modules
                          f"got {guide!r}")
     _check_positive("tol", tol)
     _check_positive("step_size", step_size)
+    if not 0 < step_decay <= 1:
+        raise ValueError(f"step_decay must be in (0, 1], got {step_decay!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     attrs = list(targets)
@@ -784,6 +798,7 @@ def _debias(xp, name, concepts, preserve, guide, templates, params, vec, modules
     prompts = list(prompts) if prompts else [t.format(c) for c in concepts for t in templates]
     lam, es, ps = params["lam"], params["erase_scale"], params["preserve_scale"]
     alpha = {a: 0.0 for a in attrs}
+    steps, prev_gaps = {a: float(step_size) for a in attrs}, None
     history, edit, solve_time = [], None, time.perf_counter() - t0
     bar = tqdm(range(rounds + 1), desc=f"debias {name}", disable=not progress)
     for r in bar:
@@ -807,16 +822,16 @@ def _debias(xp, name, concepts, preserve, guide, templates, params, vec, modules
         gaps = {a: targets[a] - shares[a] for a in attrs}
         worst = max(abs(g) for g in gaps.values())
         history.append({"round": r, "alpha": dict(alpha), "shares": shares, "counted": len(counted),
-                        "max_gap": worst})
+                        "max_gap": worst, "steps": dict(steps)})
         bar.set_postfix(max_gap=f"{worst:.3f}")
         if worst < tol or r == rounds:
             break
-        for a in attrs:
-            alpha[a] += step_size * gaps[a]
+        alpha, steps = debias_update(alpha, steps, gaps, prev_gaps, step_decay)
+        prev_gaps = gaps
     edit.history = history
     edit.edit_time_s = solve_time
     params.update(targets=targets, attribute_template=attribute_template, rounds=rounds, tol=tol,
-                  step_size=step_size, num_samples=num_samples, prompts=prompts, alpha=alpha,
+                  step_size=step_size, step_decay=step_decay, num_samples=num_samples, prompts=prompts, alpha=alpha,
                   converged=history[-1]["max_gap"] < tol)
     return edit
 

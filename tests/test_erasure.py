@@ -316,6 +316,31 @@ def test_debias_alpha_iteration_and_closed_form(xp):
         erase(xp, "circle", method="debias", targets={"red": 0.7, "blue": 0.7}, judge=fair)
     with pytest.raises(ValueError, match="judge"):
         erase(xp, "circle", method="debias", targets={"red": 1.0})
+    with pytest.raises(ValueError, match=r"step_decay must be in \(0, 1\], got 1.5"):
+        erase(xp, "circle", method="debias", targets={"red": 1.0}, judge=fair, step_decay=1.5)
+
+
+def test_debias_step_halves_when_the_gap_changes_sign():
+    from diffusion_xai.erasure import debias_update
+
+    # one round by hand: red's gap flipped sign (step halves), blue's did not
+    alpha, steps = debias_update({"red": -0.5, "blue": 0.5}, {"red": 1.0, "blue": 1.0}, {"red": 0.2, "blue": -0.2},
+                                 {"red": -0.3, "blue": -0.1}, 0.5)
+    assert steps == {"red": 0.5, "blue": 1.0} and alpha == pytest.approx({"red": -0.4, "blue": 0.3})
+
+    # a linear model whose red share over-reacts (gain 2.5): share_red = 0.8 + 2.5 * (alpha_red - alpha_blue) / 2;
+    # a fixed step overshoots further every round, Kesten's rule converges to the 0.5 target
+    def run(decay, rounds=40):
+        alpha, steps, prev = {"red": 0.0, "blue": 0.0}, {"red": 1.0, "blue": 1.0}, None
+        for _ in range(rounds):
+            red = min(max(0.8 + 1.25 * (alpha["red"] - alpha["blue"]), 0.0), 1.0)
+            gaps = {"red": 0.5 - red, "blue": 0.5 - (1 - red)}
+            alpha, steps = debias_update(alpha, steps, gaps, prev, decay)
+            prev = gaps
+        return abs(gaps["red"])
+
+    assert run(1.0) == pytest.approx(0.5)  # stuck jumping between share 0 and share 1
+    assert run(0.5) < 0.01
 
 
 # ------------------------------------------------------------------------------------------- metrics and CLI

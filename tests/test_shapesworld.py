@@ -196,6 +196,10 @@ def test_finetune_stage_continues_an_exported_model(tmp_path):
     # resumable: the stopped run continues to the end of its schedule
     assert train.finetune(init, ft, tmp_path / "out", steps=8, stop_at=None, num_latents=24, objects={2: 0.5, 3: 0.5},
                           batch=4, decoder_steps=3, vae_check=4)["finetune"]["steps_done"] == 8
+    # a fine-tune of a fine-tuned model keeps the earlier stage on record, oldest first
+    first = json.loads((tmp_path / "out" / "training.json").read_text())["finetune"]
+    rec2 = train.finetune(tmp_path / "out", tmp_path / "ft2", tmp_path / "out2", steps=0, decoder_steps=2, vae_check=4)
+    assert rec2["finetunes"] == [first, rec2["finetune"]] and rec2["finetune"]["decoder_steps"] == 2
     with pytest.raises(ValueError, match="objects"):
         train.finetune(init, ft, tmp_path / "out", objects={2: 0.5, 4: 0.5})
     with pytest.raises(ValueError, match="-1"):

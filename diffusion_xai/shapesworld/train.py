@@ -437,6 +437,8 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
     work.mkdir(parents=True, exist_ok=True)
     pipe = load_shapesworld_pipeline(init)
     record = json.loads((Path(init) / "training.json").read_text()) if (Path(init) / "training.json").exists() else {}
+    # earlier fine-tunes of ``init`` stay on record, oldest first, in "finetunes"
+    history = list(record.get("finetunes", [record["finetune"]] if "finetune" in record else []))
     record["finetune"] = {"steps_done": 0}
     if steps > 0:
         encode_latents(pipe.vae, work, num_latents, seed0=FINETUNE["seed0"], num_objects_prob=objects)
@@ -460,6 +462,7 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
         record["finetune"].update(decoder_steps=dst["step"], decoder_lr=decoder_lr,
                                   decoder_seconds=dst.get("seconds"),
                                   vae_agreement=vae_oracle_agreement(pipe.vae, n=vae_check))
+    record["finetunes"] = history + [record["finetune"]]
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
     for cfg in [out / "model_index.json", *out.glob("*/config.json")]:  # no paths of this machine in the package
