@@ -265,12 +265,14 @@ class XAIPipeline:
         a = torch.as_tensor(logsnr, dtype=torch.float64)
         return (a.reshape(-1, 1) - table.reshape(1, -1)).abs().argmin(-1).reshape(a.shape)
 
-    def _added_cond(self, emb: PromptEmbeddings, hw: tuple[int, int], n: int) -> dict | None:
+    def _added_cond(self, emb: PromptEmbeddings, hw: tuple[int, int], n: int,
+                    device: torch.device | None = None) -> dict | None:
         if not self.is_sdxl:
             return None
+        device = device or self.device
         H, W = hw[0] * self.vae_scale_factor, hw[1] * self.vae_scale_factor
-        ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=emb.embeds.dtype, device=self.device).expand(n, 6)
-        return {"text_embeds": emb.pooled.to(self.device), "time_ids": ids}
+        ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=emb.embeds.dtype, device=device).expand(n, 6)
+        return {"text_embeds": emb.pooled.to(device), "time_ids": ids}
 
     def predict_noise(self, x_t: torch.Tensor, t, embeddings: PromptEmbeddings, batch_size: int | None = None,
                       grad: bool = False) -> torch.Tensor:
@@ -293,21 +295,23 @@ class XAIPipeline:
         bs = batch_size or self.batch_size
         self._start_call(None)
         outs = []
+        # diffusers finds a model's device and dtype by walking its modules: once per call, not per batch
+        dev, dt = self.device, self.dtype
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
         with ctx:
             for i in range(0, n, bs):
-                x = x_t[i:i + bs].to(self.device, self.dtype)
-                tt = t[i:i + bs].to(self.device)
+                x = x_t[i:i + bs].to(dev, dt)
+                tt = t[i:i + bs].to(dev)
                 e = embeddings if len(embeddings) == 1 else embeddings.index(range(i, i + x.shape[0]))
-                enc = e.embeds.to(self.device, self.dtype)
+                enc = e.embeds.to(dev, dt)
                 if enc.shape[0] == 1:
                     enc = enc.expand(x.shape[0], -1, -1)
                 if self.is_sdxl and e.pooled is not None and e.pooled.shape[0] == 1:
                     e = PromptEmbeddings(e.embeds, e.pooled.expand(x.shape[0], -1), e.prompts)
                 out = self.unet(x, tt, encoder_hidden_states=enc,
-                                added_cond_kwargs=self._added_cond(e, x.shape[-2:], x.shape[0])).sample
+                                added_cond_kwargs=self._added_cond(e, x.shape[-2:], x.shape[0], dev)).sample
                 if self.prediction_type == "v_prediction":
-                    a = self.alphas_cumprod.to(self.device)[tt].to(out.dtype).view(-1, 1, 1, 1)
+                    a = self.alphas_cumprod.to(dev)[tt].to(out.dtype).view(-1, 1, 1, 1)
                     out = (1 - a).sqrt() * x + a.sqrt() * out
                 outs.append(out.to(x_t.dtype))
                 self.unet_evals += x.shape[0]
