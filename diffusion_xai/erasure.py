@@ -650,7 +650,8 @@ def erase(xp, concepts: str | Sequence[str], preserve: str | Sequence[str] = (),
             ESD's full fine-tuning, 5e-5), negative-guidance strength, LoRA rank, rows per step, frozen-model
             samples of the concept prompts, a saved finetune edit to continue, which ``attn2`` projections
             get the LoRA (ESD-x: cross-attention only).
-        targets, judge, prompts, attribute_template, rounds, tol, step_size, step_decay: debias (``debias``): target share
+        targets, judge, prompts, attribute_template, rounds, tol, step_size, step_decay: debias (``debias``):
+            target share
             of each attribute value (summing to 1); ``judge(images: list[PIL.Image]) -> list[str | None]``,
             the attribute value seen in each image (None or unknown values are not counted); the prompts
             that are generated to measure (default: ``templates`` filled with the concept); text of the
@@ -761,7 +762,8 @@ def debias_update(alpha: dict, steps: dict, gaps: dict, prev_gaps: dict | None, 
 
 
 def _debias(xp, name, concepts, preserve, guide, templates, params, vec, modules, *, targets, judge, prompts,
-            attribute_template, rounds, tol, step_size, step_decay, num_samples, num_inference_steps, guidance_scale, size,
+            attribute_template, rounds, tol, step_size, step_decay, num_samples, num_inference_steps,
+            guidance_scale, size,
             seed, progress, t0) -> Edit:
     from tqdm.auto import tqdm
 
