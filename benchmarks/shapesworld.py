@@ -167,7 +167,7 @@ def main() -> None:
     print(table([oracle], "Oracle accuracy (all objects right, as a set)"))
     folder = Path(a.model) if a.model else MODEL_DIR
     from diffusion_xai.shapesworld import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from diffusion_xai.shapesworld.train import vae_oracle_agreement
+    from diffusion_xai.shapesworld.train import finetune_history, vae_oracle_agreement
 
     guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
     xp = XAIPipeline(load_shapesworld_pipeline(folder), batch_size=256, default_steps=DEFAULT_STEPS,
@@ -194,7 +194,6 @@ def main() -> None:
     two = two_objects(xp, a.samples, rng)
     bias_rows = biases(xp, a.samples)
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
-    finetunes = training.get("finetunes", [training["finetune"]] if "finetune" in training else [])
     quality = [{"family": "single object", "metric": k, "value": v, "bar": b}
                for k, v, b in (("color", one["color"], 0.95), ("shape", one["shape"], 0.90),
                                ("position", one["position"], 0.85), ("exactly one object", one["one_object"], None))]
@@ -211,7 +210,7 @@ def main() -> None:
               "training_minutes": (training.get("vae_seconds", 0) + training.get("decoder_seconds", 0)
                                    + training.get("unet_seconds", 0)
                                    + sum((f.get("seconds") or 0) + (f.get("decoder_seconds") or 0)
-                                         for f in finetunes)) / 60,
+                                         for f in finetune_history(training))) / 60,
               "unet_steps": training.get("unet_steps_done")}
     print()
     print(table([timing], "Sampling time and training record"))

@@ -409,6 +409,12 @@ FINETUNE = dict(steps=0, stop_at=None, lr=1e-4, num_latents=30000, seed0=10**7, 
                 decoder_steps=2000, decoder_lr=2e-4, decoder_objects={1: 0.25, 2: 0.35, 3: 0.4})
 
 
+def finetune_history(record: dict) -> list[dict]:
+    """The fine-tune stages a ``training.json`` record holds, oldest first (older exports kept only the
+    last one, under ``"finetune"``)."""
+    return list(record.get("finetunes", [record["finetune"]] if "finetune" in record else []))
+
+
 def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], stop_at: int | None = FINETUNE["stop_at"],
              lr: float = FINETUNE["lr"],
              num_latents: int = FINETUNE["num_latents"], objects: dict[int, float] | None = None,
@@ -438,8 +444,7 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
     work.mkdir(parents=True, exist_ok=True)
     pipe = load_shapesworld_pipeline(init)
     record = json.loads((Path(init) / "training.json").read_text()) if (Path(init) / "training.json").exists() else {}
-    # earlier fine-tunes of ``init`` stay on record, oldest first, in "finetunes"
-    history = list(record.get("finetunes", [record["finetune"]] if "finetune" in record else []))
+    history = finetune_history(record)  # earlier fine-tunes of ``init`` stay on record
     record["finetune"] = {"steps_done": 0}
     if steps > 0:
         encode_latents(pipe.vae, work, num_latents, seed0=FINETUNE["seed0"], num_objects_prob=objects)
