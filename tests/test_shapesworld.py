@@ -213,3 +213,37 @@ def test_finetune_cli_rejects_bad_object_shares(capsys):
         with pytest.raises(SystemExit):
             train.main(["--stage", "finetune", "--finetune-objects", bad])
         assert "--finetune-objects must be three comma-separated shares" in capsys.readouterr().err
+
+
+def test_recipe_trains_every_part_in_order_and_resumes(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusion_xai.shapesworld import train
+
+    torch.manual_seed(0)
+    recipe = dict(train.RECIPE, base=dict(vae_steps=4, num_latents=16, unet_steps=4, decoder_steps=2),
+                  grounded=[dict(steps=3, lr=1e-4, pixel_min_objects=1), dict(steps=2, lr=2e-4, pixel_min_objects=2)],
+                  num_latents=12, decoder_steps=2, batch=4, vae_check=4)
+    work, out = tmp_path / "work", tmp_path / "out"
+    rec = train.train_recipe(work, out, recipe, tiny=True)
+    # the stages of the record are the recipe's, oldest first: the grounded parts, then the decoder
+    hist = train.finetune_history(rec)
+    assert [(h["steps_done"], h["lr"], h["pixel_min_objects"]) for h in hist[:2]] == [(3, 1e-4, 1), (2, 2e-4, 2)]
+    assert all(h["grounding"] == recipe["grounding"] for h in hist[:2])
+    assert hist[2]["steps_done"] == 0 and hist[2]["decoder_steps"] == 2 and len(hist) == 3
+    assert rec["unet_steps_done"] == 4 and rec["decoder_steps"] == 2  # the base part, with its decoder
+    assert set(rec["recipe"]["parts_seconds"]) == {"base", "grounded1", "grounded2", "decoder"}
+    assert rec["recipe"]["seconds"] == pytest.approx(sum(rec["recipe"]["parts_seconds"].values()))
+    # the grounded parts trained on one cache of scenes
+    assert (work / "grounded1" / "captions.json").read_text() == (work / "grounded2" / "captions.json").read_text()
+    # the output's UNet is the last grounded part's, its VAE encoder the base model's, its decoder new
+    last = load_file(str(work / "model_grounded2" / "unet" / "diffusion_pytorch_model.safetensors"))
+    got = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(last[k], got[k]) for k in last)
+    v0 = load_file(str(work / "model_base" / "vae" / "diffusion_pytorch_model.safetensors"))
+    v1 = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v0[k], v1[k]) for k in v0 if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(v0[k], v1[k]) for k in v0 if k.startswith("decoder."))
+    # a rerun skips every finished part and keeps their times
+    again = train.train_recipe(work, out, recipe, tiny=True)
+    assert again["recipe"]["parts_seconds"] == rec["recipe"]["parts_seconds"]

@@ -483,6 +483,123 @@ def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], 
     return record
 
 
+def _decoder_stage(vae, work: Path, steps: int, tiny: bool = False) -> float:
+    """Sharpen the decoder of ``work``'s VAE (:func:`finetune_decoder`), judge it by the oracle and record
+    that in ``work/decoder_ckpt/agreement.json`` (merged into the export's record); returns the agreement."""
+    t0 = time.time()
+    finetune_decoder(vae, work, steps)
+    agreement = vae_oracle_agreement(vae, n=100 if tiny else 400)
+    print(f"VAE (sharpened decoder) reconstructions judged like the originals: {agreement:.3f}")
+    (work / "decoder_ckpt" / "agreement.json").write_text(json.dumps(
+        {"vae_agreement": agreement, "decoder_steps": steps, "decoder_seconds": time.time() - t0}))
+    return agreement
+
+
+def _merge_decoder_record(work: Path) -> None:
+    dec, state_path = work / "decoder_ckpt" / "agreement.json", work / "state.json"
+    if dec.exists():
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        state.update(json.loads(dec.read_text()))
+        state_path.write_text(json.dumps(state, indent=2))
+
+
+def train_base(work: Path, out: Path, vae_steps: int, num_latents: int, unet_steps: int, decoder_steps: int = 0,
+               batch: int = 64, tiny: bool = False, time_limit_s: float | None = None) -> Path:
+    """The base model from scratch in ``work`` (every stage resumable): the VAE, checked by the oracle;
+    the latents of ``num_latents`` seeded scenes; the UNet + text encoder; with ``decoder_steps > 0``
+    the decoder sharpened (encoder frozen); exported to ``out``, which is returned."""
+    work.mkdir(parents=True, exist_ok=True)
+    tok, vae, unet, text = _models(tiny, write_tokenizer_files(work / "tokenizer"))
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    t0 = time.time()
+    train_vae(vae, work, vae_steps)
+    if "vae_agreement" not in state or state.get("vae_steps") != vae_steps:
+        state["vae_agreement"] = vae_oracle_agreement(vae, n=100 if tiny else 400)
+        state["vae_steps"] = vae_steps
+        state["vae_seconds"] = time.time() - t0
+        print(f"VAE reconstructions judged like the originals by the oracle: {state['vae_agreement']:.3f}")
+    encode_latents(vae, work, num_latents)
+    lat = load_file(str(work / "latents.safetensors"))["latents"]
+    state["scaling_factor"] = float(1.0 / lat.std())
+    state_path.write_text(json.dumps(state, indent=2))
+    t1 = time.time()
+    train_unet(unet, text, tok, work, unet_steps, state["scaling_factor"], batch=batch, time_limit_s=time_limit_s,
+               seconds_before=state.get("unet_seconds", 0.0))
+    ck = json.loads((work / "unet_ckpt" / "state.json").read_text())
+    # checkpoints carry the UNet stage's total seconds (so interrupted runs still count)
+    state["unet_seconds"] = ck.get("seconds", state.get("unet_seconds", 0.0) + time.time() - t1)
+    state["unet_steps_done"] = ck["step"]
+    state_path.write_text(json.dumps(state, indent=2))
+    if decoder_steps > 0 and ck["step"] >= unet_steps:
+        done = work / "decoder_ckpt" / "agreement.json"
+        if not done.exists() or json.loads(done.read_text())["decoder_steps"] != decoder_steps:
+            _decoder_stage(vae, work, decoder_steps, tiny)
+        _merge_decoder_record(work)
+    return export(work, out, tiny=tiny)
+
+
+# The shipped model's whole recipe (``--stage recipe``; README, Benchmarks, ShapesWorld, tells how each
+# part was chosen): the base model with its decoder sharpened, three grounded UNet + text encoder
+# fine-tunes on the world's own object counts, then the decoder again on crowded scenes.
+RECIPE = dict(
+    base=dict(vae_steps=1000, num_latents=24000, unet_steps=9500, decoder_steps=3000),
+    grounded=[dict(steps=2500, lr=1e-4, pixel_min_objects=1), dict(steps=2500, lr=2e-4, pixel_min_objects=1),
+              dict(steps=2000, lr=1e-4, pixel_min_objects=2)],
+    objects={1: 0.5, 2: 0.35, 3: 0.15}, grounding=0.1, grounding_pixel=1.0, num_latents=FINETUNE["num_latents"],
+    decoder_steps=FINETUNE["decoder_steps"], batch=64, vae_check=400,
+)
+
+
+def train_recipe(work: Path, out: Path, recipe: dict | None = None, tiny: bool = False) -> dict:
+    """Train the shipped model from scratch in one call: :data:`RECIPE` (or ``recipe``) in ``work``,
+    exported to ``out``. Each part runs in its own folder of ``work`` and is resumable; a finished part
+    is skipped on a rerun. The grounded parts share one latent cache (same scenes, same frozen
+    encoder). ``work/recipe.json`` keeps each finished part's wall-clock seconds; the exported
+    ``training.json`` gets them under ``"recipe"`` (with their sum, ``"seconds"``). Returns that record."""
+    import shutil
+
+    r = dict(RECIPE if recipe is None else recipe)
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "recipe.json"
+    parts = json.loads(log_path.read_text()) if log_path.exists() else {}
+
+    def part(name: str, fn):
+        if name in parts:
+            print(f"recipe: {name} done earlier ({parts[name] / 60:.1f} min), skipped")
+            return
+        t0 = time.time()
+        fn()
+        parts[name] = time.time() - t0
+        log_path.write_text(json.dumps(parts, indent=2))
+        print(f"recipe: {name} took {parts[name] / 60:.1f} min")
+
+    b = r["base"]
+    part("base", lambda: train_base(work / "base", work / "model_base", b["vae_steps"], b["num_latents"],
+                                    b["unet_steps"], b["decoder_steps"], batch=r["batch"], tiny=tiny))
+    init = work / "model_base"
+    for i, st in enumerate(r["grounded"], start=1):
+        wdir, model = work / f"grounded{i}", work / f"model_grounded{i}"
+        if i > 1:  # the same seeded scenes, encoded by the same (frozen) encoder: reuse the first cache
+            wdir.mkdir(parents=True, exist_ok=True)
+            for f in ("latents.safetensors", "captions.json", "grounding.safetensors"):
+                if not (wdir / f).exists():
+                    shutil.copy(work / "grounded1" / f, wdir / f)
+        part(f"grounded{i}", lambda init=init, wdir=wdir, model=model, st=st: finetune(
+            init, wdir, model, steps=st["steps"], lr=st["lr"], num_latents=r["num_latents"], objects=r["objects"],
+            batch=r["batch"], decoder_steps=0, grounding=r["grounding"], grounding_pixel=r["grounding_pixel"],
+            pixel_min_objects=st["pixel_min_objects"]))
+        init = model
+    part("decoder", lambda: finetune(init, work / "decoder", out, steps=0, decoder_steps=r["decoder_steps"],
+                                     vae_check=r["vae_check"]))
+    record = json.loads((out / "training.json").read_text())
+    record["recipe"] = {"parts_seconds": dict(parts), "seconds": sum(parts.values()),
+                        "threads": torch.get_num_threads()}
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/shapesworld"), help="checkpoints and caches")
@@ -494,8 +611,9 @@ def main(argv=None) -> None:
     p.add_argument("--time-limit-min", type=float, default=None, help="stop the UNet stage (checkpointed) after this")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration (for tests)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--stage", choices=["all", "decoder", "export", "finetune"], default="all",
-                   help="all: VAE, latents, UNet, export; decoder: sharpen the VAE decoder (encoder frozen, "
+    p.add_argument("--stage", choices=["all", "recipe", "decoder", "export", "finetune"], default="all",
+                   help="all: VAE, latents, UNet, export (the base model); recipe: the shipped model's whole "
+                        "recipe (RECIPE: the base model, three grounded fine-tunes, the decoder), about 2 h; decoder: sharpen the VAE decoder (encoder frozen, "
                         "so it can run beside the UNet stage); export: assemble the latest checkpoints; "
                         "finetune: continue training the model in --init on more multi-object scenes")
     p.add_argument("--decoder-steps", type=int, default=1500)
@@ -539,49 +657,23 @@ def main(argv=None) -> None:
         print(f"fine-tuned: UNet {ft['steps_done']} steps, decoder {ft.get('decoder_steps', 0)} steps "
               f"(VAE agreement {ft.get('vae_agreement')}); exported to {a.out}")
         return
-    a.work.mkdir(parents=True, exist_ok=True)
-    write_tokenizer_files(a.work / "tokenizer")
-    tok, vae, unet, text = _models(a.tiny, a.work / "tokenizer")
-    state_path = a.work / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if a.stage == "recipe":
+        rec = train_recipe(a.work, a.out, tiny=a.tiny)
+        print(f"recipe done in {rec['recipe']['seconds'] / 60:.1f} min; exported to {a.out}")
+        return
     if a.stage == "decoder":
+        a.work.mkdir(parents=True, exist_ok=True)
+        tok, vae, unet, text = _models(a.tiny, write_tokenizer_files(a.work / "tokenizer"))
         vae.load_state_dict(load_file(str(a.work / "vae_ckpt" / "vae.safetensors")))
-        t0 = time.time()
-        finetune_decoder(vae, a.work, a.decoder_steps)
-        agreement = vae_oracle_agreement(vae, n=100 if a.tiny else 400)
-        print(f"VAE (sharpened decoder) reconstructions judged like the originals: {agreement:.3f}")
-        (a.work / "decoder_ckpt" / "agreement.json").write_text(json.dumps(
-            {"vae_agreement": agreement, "decoder_steps": a.decoder_steps, "decoder_seconds": time.time() - t0}))
+        _decoder_stage(vae, a.work, a.decoder_steps, a.tiny)
         return
     if a.stage == "export":
-        dec = a.work / "decoder_ckpt" / "agreement.json"
-        if dec.exists():
-            state.update(json.loads(dec.read_text()))
-            state_path.write_text(json.dumps(state, indent=2))
+        _merge_decoder_record(a.work)
         export(a.work, a.out, tiny=a.tiny)
         print(f"exported to {a.out}")
         return
-    t0 = time.time()
-    train_vae(vae, a.work, a.vae_steps)
-    if "vae_agreement" not in state or state.get("vae_steps") != a.vae_steps:
-        state["vae_agreement"] = vae_oracle_agreement(vae, n=100 if a.tiny else 400)
-        state["vae_steps"] = a.vae_steps
-        state["vae_seconds"] = time.time() - t0
-        print(f"VAE reconstructions judged like the originals by the oracle: {state['vae_agreement']:.3f}")
-    encode_latents(vae, a.work, a.num_latents)
-    lat = load_file(str(a.work / "latents.safetensors"))["latents"]
-    state["scaling_factor"] = float(1.0 / lat.std())
-    state_path.write_text(json.dumps(state, indent=2))
-    t1 = time.time()
-    train_unet(unet, text, tok, a.work, a.unet_steps, state["scaling_factor"], batch=a.batch,
-               time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None,
-               seconds_before=state.get("unet_seconds", 0.0))
-    ck = json.loads((a.work / "unet_ckpt" / "state.json").read_text())
-    # checkpoints carry the UNet stage's total seconds (so interrupted runs still count)
-    state["unet_seconds"] = ck.get("seconds", state.get("unet_seconds", 0.0) + time.time() - t1)
-    state["unet_steps_done"] = ck["step"]
-    state_path.write_text(json.dumps(state, indent=2))
-    export(a.work, a.out, tiny=a.tiny)
+    train_base(a.work, a.out, vae_steps=a.vae_steps, num_latents=a.num_latents, unet_steps=a.unet_steps,
+               batch=a.batch, tiny=a.tiny, time_limit_s=a.time_limit_min * 60 if a.time_limit_min else None)
     print(f"exported to {a.out}")
 
 
