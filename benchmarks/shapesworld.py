@@ -167,7 +167,7 @@ def main() -> None:
     print(table([oracle], "Oracle accuracy (all objects right, as a set)"))
     folder = Path(a.model) if a.model else MODEL_DIR
     from diffusion_xai.shapesworld import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from diffusion_xai.shapesworld.train import finetune_history, vae_oracle_agreement
+    from diffusion_xai.shapesworld.train import training_seconds, vae_oracle_agreement
 
     guidance = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
     xp = XAIPipeline(load_shapesworld_pipeline(folder), batch_size=256, default_steps=DEFAULT_STEPS,
@@ -207,10 +207,8 @@ def main() -> None:
     print(table(bias_rows, "Injected biases reproduced by the model (bar: gap <= 0.10)"))
     timing = {"seconds_per_image_batched": per_image, "seconds_single_image": single,
               "vae_oracle_agreement": vae_oracle_agreement(xp.pipe.vae, n=400),
-              "training_minutes": (training.get("vae_seconds", 0) + training.get("decoder_seconds", 0)
-                                   + training.get("unet_seconds", 0)
-                                   + sum((f.get("seconds") or 0) + (f.get("decoder_seconds") or 0)
-                                         for f in finetune_history(training))) / 60,
+              "training_minutes": training_seconds(training) / 60,
+              "training_clock": "whole recipe" if "recipe" in training else "sum of stages",
               "unet_steps": training.get("unet_steps_done")}
     print()
     print(table([timing], "Sampling time and training record"))

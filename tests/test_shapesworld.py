@@ -234,6 +234,11 @@ def test_recipe_trains_every_part_in_order_and_resumes(tmp_path):
     assert rec["unet_steps_done"] == 4 and rec["decoder_steps"] == 2  # the base part, with its decoder
     assert set(rec["recipe"]["parts_seconds"]) == {"base", "grounded1", "grounded2", "decoder"}
     assert rec["recipe"]["seconds"] == pytest.approx(sum(rec["recipe"]["parts_seconds"].values()))
+    assert train.training_seconds(rec) == rec["recipe"]["seconds"]
+    stages = {k: v for k, v in rec.items() if k != "recipe"}  # an older record: the sum of its stages
+    assert train.training_seconds(stages) == pytest.approx(
+        rec["vae_seconds"] + rec["decoder_seconds"] + rec["unet_seconds"]
+        + sum(h.get("seconds", 0) + (h.get("decoder_seconds") or 0) for h in hist))
     # the grounded parts trained on one cache of scenes
     assert (work / "grounded1" / "captions.json").read_text() == (work / "grounded2" / "captions.json").read_text()
     # the output's UNet is the last grounded part's, its VAE encoder the base model's, its decoder new

@@ -415,6 +415,15 @@ def finetune_history(record: dict) -> list[dict]:
     return list(record.get("finetunes", [record["finetune"]] if "finetune" in record else []))
 
 
+def training_seconds(record: dict) -> float:
+    """Training time of a ``training.json`` record: the wall clock of the whole recipe when it was trained
+    by :func:`train_recipe`, else the sum of the stages' recorded seconds (which leaves out the
+    encoding of latents and the oracle checks between them)."""
+    if "recipe" in record:
+        return float(record["recipe"]["seconds"])
+    return (record.get("vae_seconds", 0) + record.get("decoder_seconds", 0) + record.get("unet_seconds", 0)
+            + sum((f.get("seconds") or 0) + (f.get("decoder_seconds") or 0) for f in finetune_history(record)))
+
 def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], stop_at: int | None = FINETUNE["stop_at"],
              lr: float = FINETUNE["lr"],
              num_latents: int = FINETUNE["num_latents"], objects: dict[int, float] | None = None,
