@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/shapesworld.py
 
 train: $(STAMP)
-	$(PY) -m diffusion_xai.shapesworld.train --work runs/shapesworld
+	$(PY) -m diffusion_xai.shapesworld.train --work runs/shapesworld --threads 2
 
 hooks:
 	git config core.hooksPath hooks

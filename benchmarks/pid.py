@@ -6,7 +6,8 @@
   the oracle confirms): conditional PID of a colour pair (c1, c2) on even images and a shape pair
   (s1, s2) on odd ones. For each word, the share of its positive uniqueness map U and of its CMI map
   I that falls inside its object's mask (mask pooled to latent resolution; target >= 0.7), next to
-  the share a uniform map would get (the mask's area).
+  the share a uniform map would get (the mask's area) and the share a map shaped like the pooled mask
+  itself would get (what a perfect latent-resolution map reaches: objects cover cells only in part).
 - Segmentation: mIoU of the min-max-normalised, thresholded CMI map (upsampled to 64x64) against the
   object mask, side by side with the DAAM heatmap mIoU of the same words on the same images
   (``xp.heatmaps``); at DAAM's tau = 0.4 and at the best tau of a sweep (as the reference numbers).
@@ -152,7 +153,7 @@ def localisation(xp, n: int, samples: int, source: str) -> tuple[list[dict], dic
             cmi, uniq = res.map(f"I{j + 1}"), res.map(f"U{j + 1}")
             row = {"prompt": prompt, "word": w, "kind": "colour" if k % 2 == 0 else "shape",
                    "share_U": share_inside(uniq, frac), "share_CMI": share_inside(cmi, frac),
-                   "mask_area": float(mask.mean()),
+                   "mask_area": float(mask.mean()), "mask_shaped_share": share_inside(frac, frac),
                    "iou_CMI": ious_over_thresholds(upsample(cmi, mask.shape), mask)}
             if hm is not None:
                 row["iou_DAAM"] = ious_over_thresholds(upsample(hm.word_map(w), mask.shape), mask)
@@ -165,7 +166,8 @@ def localisation(xp, n: int, samples: int, source: str) -> tuple[list[dict], dic
         if not sel:
             continue
         row = {"words": kind, "n": len(sel), "share_U": mean(r["share_U"] for r in sel),
-               "share_CMI": mean(r["share_CMI"] for r in sel), "uniform_share": mean(r["mask_area"] for r in sel)}
+               "share_CMI": mean(r["share_CMI"] for r in sel), "uniform_share": mean(r["mask_area"] for r in sel),
+               "mask_shaped_share": mean(r["mask_shaped_share"] for r in sel)}
         cmi = np.mean([r["iou_CMI"] for r in sel], 0)
         row.update(mIoU_CMI_tau04=float(cmi[THRESHOLDS.index(DAAM_TAU)]), mIoU_CMI_best=float(cmi.max()),
                    tau_CMI=THRESHOLDS[int(cmi.argmax())])

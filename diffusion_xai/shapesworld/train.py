@@ -1,6 +1,10 @@
 """Train the embedded ShapesWorld Stable Diffusion from scratch.
 
-    python -m diffusion_xai.shapesworld.train --work runs/shapesworld [--vae-steps N] [--unet-steps N]
+    python -m diffusion_xai.shapesworld.train --work runs/shapesworld [--out DIR] [--threads 2]
+
+runs the shipped model's whole recipe (:data:`RECIPE`, :func:`train_recipe`; about 2 hours on this
+2-core CPU): a base model (stages 1-4 below, ``--stage all`` runs them alone), three token-grounded
+fine-tunes of its UNet + text encoder and a fine-tune of its decoder (stage 5).
 
 Stages (each resumable from its checkpoint in ``--work``):
 1. ``vae``: an AutoencoderKL (64x64x3 -> 8x8x4) with a foreground-weighted MSE loss (the black
@@ -620,9 +624,10 @@ def main(argv=None) -> None:
     p.add_argument("--time-limit-min", type=float, default=None, help="stop the UNet stage (checkpointed) after this")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration (for tests)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--stage", choices=["all", "recipe", "decoder", "export", "finetune"], default="all",
-                   help="all: VAE, latents, UNet, export (the base model); recipe: the shipped model's whole "
-                        "recipe (RECIPE: the base model, three grounded fine-tunes, the decoder), about 2 h; decoder: sharpen the VAE decoder (encoder frozen, "
+    p.add_argument("--stage", choices=["recipe", "all", "decoder", "export", "finetune"], default="recipe",
+                   help="recipe (default): the shipped model's whole recipe (RECIPE: the base model, three grounded "
+                        "fine-tunes, the decoder; about 2 h on 2 CPU threads); all: VAE, latents, UNet, export "
+                        "(a base model, with the --vae-steps, --num-latents and --unet-steps given); decoder: sharpen the VAE decoder (encoder frozen, "
                         "so it can run beside the UNet stage); export: assemble the latest checkpoints; "
                         "finetune: continue training the model in --init on more multi-object scenes")
     p.add_argument("--decoder-steps", type=int, default=1500)
