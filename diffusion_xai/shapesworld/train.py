@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .scene import IMAGE_SIZE, sample_scene
+from .scene import IMAGE_SIZE, NUM_OBJECTS_PROB, sample_scene
 from .vocab import write_tokenizer_files
 
 PACKAGE_MODEL_DIR = Path(__file__).parent / "model"
@@ -428,6 +429,7 @@ def training_seconds(record: dict) -> float:
     return (record.get("vae_seconds", 0) + record.get("decoder_seconds", 0) + record.get("unet_seconds", 0)
             + sum((f.get("seconds") or 0) + (f.get("decoder_seconds") or 0) for f in finetune_history(record)))
 
+
 def finetune(init: Path, work: Path, out: Path, steps: int = FINETUNE["steps"], stop_at: int | None = FINETUNE["stop_at"],
              lr: float = FINETUNE["lr"],
              num_latents: int = FINETUNE["num_latents"], objects: dict[int, float] | None = None,
@@ -559,7 +561,7 @@ RECIPE = dict(
     base=dict(vae_steps=1000, num_latents=24000, unet_steps=9500, decoder_steps=3000),
     grounded=[dict(steps=2500, lr=1e-4, pixel_min_objects=1), dict(steps=2500, lr=2e-4, pixel_min_objects=1),
               dict(steps=2000, lr=1e-4, pixel_min_objects=2)],
-    objects={1: 0.5, 2: 0.35, 3: 0.15}, grounding=0.1, grounding_pixel=1.0, num_latents=FINETUNE["num_latents"],
+    objects=dict(NUM_OBJECTS_PROB), grounding=0.1, grounding_pixel=1.0, num_latents=FINETUNE["num_latents"],
     decoder_steps=FINETUNE["decoder_steps"], batch=64, vae_check=400,
 )
 
@@ -570,8 +572,6 @@ def train_recipe(work: Path, out: Path, recipe: dict | None = None, tiny: bool =
     is skipped on a rerun. The grounded parts share one latent cache (same scenes, same frozen
     encoder). ``work/recipe.json`` keeps each finished part's wall-clock seconds; the exported
     ``training.json`` gets them under ``"recipe"`` (with their sum, ``"seconds"``). Returns that record."""
-    import shutil
-
     r = dict(RECIPE if recipe is None else recipe)
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
@@ -627,8 +627,8 @@ def main(argv=None) -> None:
     p.add_argument("--stage", choices=["recipe", "all", "decoder", "export", "finetune"], default="recipe",
                    help="recipe (default): the shipped model's whole recipe (RECIPE: the base model, three grounded "
                         "fine-tunes, the decoder; about 2 h on 2 CPU threads); all: VAE, latents, UNet, export "
-                        "(a base model, with the --vae-steps, --num-latents and --unet-steps given); decoder: sharpen the VAE decoder (encoder frozen, "
-                        "so it can run beside the UNet stage); export: assemble the latest checkpoints; "
+                        "(a base model, with the --vae-steps, --num-latents and --unet-steps given); decoder: "
+                        "sharpen the VAE decoder (encoder frozen, so it can run beside the UNet stage); export: assemble the latest checkpoints; "
                         "finetune: continue training the model in --init on more multi-object scenes")
     p.add_argument("--decoder-steps", type=int, default=1500)
     p.add_argument("--init", type=Path, default=PACKAGE_MODEL_DIR, help="finetune: the pipeline to start from")
