@@ -20,6 +20,11 @@
 - Speed: UNet evaluations and seconds per PID map, throughput against one plain batched
   ``predict_noise`` call over the same number of rows (target >= 0.9x).
 
+``--bands`` runs only a diagnostic of the localisation (written to pid_bands.json): the same share
+inside the mask, for the full integral and for narrow logSNR bands (each band's PID integrates
+``loc +/- 3 * 0.05``), with the reference string removal and with embedding-level removal, so one
+can see whether any noise level or removal mode holds a more local map than the full integral.
+
 ``--source rendered`` analyses ShapesWorld's own rendered scenes (exact ground-truth masks, no
 generation; no heatmap column) instead of generated images. Writes benchmarks/results/pid.json.
 """
@@ -180,6 +185,46 @@ def localisation(xp, n: int, samples: int, source: str) -> tuple[list[dict], dic
     return rows, {"per_word": detail, "seconds_per_pid": mean(seconds), "thresholds": THRESHOLDS}
 
 
+# ------------------------------------------------------------------------------------------ bands
+BAND_CENTRES = (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
+BAND_SCALE = 0.05
+
+
+def bands(xp, n: int, samples: int, source: str, removals=("string", "embedding")) -> tuple[list[dict], list[dict]]:
+    """Localisation shares per logSNR band and removal mode, on the localisation benchmark's first n images."""
+    items = list(two_object_items(xp, n, source, np.random.default_rng(0), max_tries=4 * n))
+    f = xp.vae_scale_factor
+    settings = [("full", None)] + [(f"{c:+g}", c) for c in BAND_CENTRES]
+    rows, detail = [], []
+    for removal in removals:
+        for label, centre in settings:
+            kw = {} if centre is None else {"loc": centre, "scale": BAND_SCALE}
+            per_word = []
+            for k, (prompt, image, masks, cols, shps, seed, _) in enumerate(items):
+                words = cols if k % 2 == 0 else shps
+                res = pid(xp, image, words[0], words[1], prompt=prompt, num_samples=samples, seed=seed,
+                          removal=removal, progress=False, **kw)
+                width = 2 * res.scale * res.clip  # logSNR range the estimate integrates over
+                for j, (w, mask) in enumerate(zip(words, masks)):
+                    frac = pooled_mask(mask, f)
+                    cmi = res.map(f"I{j + 1}")
+                    per_word.append({"kind": "colour" if k % 2 == 0 else "shape", "word": w, "prompt": prompt,
+                                     "share_U": share_inside(res.map(f"U{j + 1}"), frac),
+                                     "share_CMI": share_inside(cmi, frac),
+                                     "cmi_per_logsnr": float(cmi.sum()) / width})
+            for kind in ("colour", "shape"):
+                sel = [r for r in per_word if r["kind"] == kind]
+                row = {"removal": removal, "logsnr": label if centre is None else f"{centre - 3 * BAND_SCALE:+.2f}.."
+                       f"{centre + 3 * BAND_SCALE:+.2f}", "words": kind, "n": len(sel),
+                       "share_U": mean(r["share_U"] for r in sel), "share_CMI": mean(r["share_CMI"] for r in sel),
+                       "cmi_per_logsnr": mean(r["cmi_per_logsnr"] for r in sel)}
+                rows.append(row)
+                print(f"  {removal} {row['logsnr']} {kind}: share_U {row['share_U']:.3f} share_CMI "
+                      f"{row['share_CMI']:.3f}", flush=True)
+            detail.append({"removal": removal, "setting": label, "per_word": per_word})
+    return rows, detail
+
+
 # ------------------------------------------------------------------------------------------ synonyms
 def single_image(xp, prompt: str, seed: int, source: str, spec: tuple):
     if source == "rendered":
@@ -304,13 +349,23 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=100, help="(logSNR, noise) samples per PID")
     p.add_argument("--source", choices=("generated", "rendered"), default="generated")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    p.add_argument("--name", default="pid", help="name of the JSON written")
+    p.add_argument("--name", default=None, help="name of the JSON written (default pid, or pid_bands)")
+    p.add_argument("--bands", action="store_true",
+                   help="only the localisation diagnostic per logSNR band and removal mode (--images images)")
     a = p.parse_args()
     if a.quick:
         a.images, a.synonym_images, a.bias_images, a.samples = 2, 2, 1, 8
+    a.name = a.name or ("pid_bands" if a.bands else "pid")
     torch.manual_seed(0)
     xp = load(a.model, a.device)
     t0 = time.perf_counter()
+    if a.bands:
+        rows, detail = bands(xp, a.images, a.samples, a.source)
+        print(table(rows, f"Localisation share inside the object mask per logSNR band and removal mode "
+                          f"({a.source} images, N={a.samples} per estimate; target share >= 0.7)"))
+        print("\nwrote", write_json(a.name, {"args": vars(a), "bands": rows, "detail": detail,
+                                             "total_seconds": time.perf_counter() - t0}))
+        return
     print("speed ...", flush=True)
     sp = speed(xp, a.samples, reps=2 if a.quick else 5)
     print(table([sp], "Speed: one conditional PID (4N UNet evals) vs a plain batched predict_noise of 4N rows"))
