@@ -71,15 +71,30 @@ def colour_words(prompt: str) -> list[str]:
     return list(dict.fromkeys(c for _, c in named_objects(prompt)))
 
 
+OUTCOMES = ("right", "other_named", "other", "missing")
+
+
+def object_outcomes(det: list[tuple[str, str]], named: list[tuple[str, str]]) -> list[str]:
+    """Per named object: 'right' (an object of its shape has its colour), else 'other_named' (one has
+    another named object's colour), else 'other' (its shape only in unnamed colours), else 'missing'."""
+    out = []
+    for s, c in named:
+        cols = {cd for sd, cd in det if sd == s}
+        others = {cn for sn, cn in named if (sn, cn) != (s, c)}
+        out.append("right" if c in cols else "other_named" if cols & others else "other" if cols else "missing")
+    return out
+
+
 def score(image: np.ndarray, named: list[tuple[str, str]]) -> dict[str, bool]:
-    """Oracle verdicts of one (H, W, 3) uint8 image against the named (shape, colour) objects."""
+    """Oracle verdicts of one (H, W, 3) uint8 image against the named (shape, colour) objects
+    (plus ``"objects"``: :func:`object_outcomes` of every named object)."""
     det = [(o.shape, o.color) for o in oracle(image)]
     want, have = Counter(named), Counter(det)
     shapes_want, shapes_have = Counter(s for s, _ in named), Counter(s for s, _ in det)
     leak = any((s_i, c_j) in have for i, (s_i, c_i) in enumerate(named)
                for j, (_, c_j) in enumerate(named) if j != i and c_j != c_i)
     return {"all_correct": not (want - have), "exact": want == have, "dominance": bool(shapes_want - shapes_have),
-            "leakage": leak}
+            "leakage": leak, "objects": object_outcomes(det, named)}
 
 
 def noise(xp: XAIPipeline, seeds: list[int]) -> torch.Tensor:
@@ -97,7 +112,8 @@ def make_tweaks(cfg: dict, prompt: str) -> list:
         out.append(CorrectionBySimilarities(words, **c))
     if cfg.get("nms"):
         c = dict(cfg["nms"])
-        words = None if c.pop("words") == "all" else shape_words(prompt) + colour_words(prompt)
+        w = c.pop("words")
+        words = None if w == "all" else shape_words(prompt) + (colour_words(prompt) if w == "content" else [])
         out.append(CrossTokenNMS(words, **c))
     return out
 
@@ -112,6 +128,7 @@ def evaluate(xp, configs: dict[str, dict], prompts: list[str], seeds: list[int],
              desc: str) -> dict[str, dict[str, dict]]:
     """rates[config][prompt] = {metric: rate, "n": samples, "seconds": generation time} on the same seeds."""
     res = {k: {p: Counter() for p in prompts} for k in configs}
+    objs = {k: {p: [Counter() for _ in named_objects(p)] for p in prompts} for k in configs}
     secs = {k: {p: 0.0 for p in prompts} for k in configs}
     chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
     with tqdm(total=len(prompts) * len(chunks) * len(configs), desc=desc, leave=False) as bar:
@@ -124,7 +141,10 @@ def evaluate(xp, configs: dict[str, dict], prompts: list[str], seeds: list[int],
                     ims = images(xp, p, make_tweaks(cfg, p), lat, seed=b)
                     secs[k][p] += time.perf_counter() - t
                     for im in ims:
-                        res[k][p].update({m: int(v) for m, v in score(im, named).items()})
+                        sc = score(im, named)
+                        for j, o in enumerate(sc.pop("objects")):
+                            objs[k][p][j][o] += 1
+                        res[k][p].update({m: int(v) for m, v in sc.items()})
                     res[k][p]["n"] += len(ims)
                     bar.update(1)
     out = {}
@@ -133,7 +153,9 @@ def evaluate(xp, configs: dict[str, dict], prompts: list[str], seeds: list[int],
         for p in prompts:
             n = res[k][p]["n"]
             out[k][p] = {m: res[k][p][m] / n for m in ("all_correct", "exact", "dominance", "leakage")}
-            out[k][p].update(n=n, seconds=secs[k][p])
+            out[k][p].update(n=n, seconds=secs[k][p], objects={
+                f"{c} {s}": {o: objs[k][p][j][o] / n for o in OUTCOMES}
+                for j, (s, c) in enumerate(named_objects(p))})
     return out
 
 
@@ -147,12 +169,14 @@ DEFAULTS["cbs+nms"] = {**DEFAULTS["cbs"], **DEFAULTS["nms"]}
 
 
 def sweep_grid(quick: bool) -> tuple[list[dict], list[dict]]:
-    cbs = [dict(words=w, alpha=a, gamma=2, threshold=0.5)
-           for w, a in itertools.product(("shapes", "shapes+colours"), (0.1, 0.25, 0.5, 0.75))]
-    nms = [dict(words=w, alpha=a, sigma=1.0)
-           for w, a in itertools.product(("all", "content"), (0.1, 0.25, 0.5))]
+    """CBS: concept words x alpha x window gamma; NMS: competing words x alpha x until_step (4 = the
+    first 4 of 20 steps, where the layout forms; None = every step)."""
+    cbs = [dict(words=w, alpha=a, gamma=g, threshold=0.5)
+           for w, a, g in itertools.product(("shapes", "shapes+colours"), (0.1, 0.25, 0.5, 0.75), (1, 2))]
+    nms = [dict(words=w, alpha=a, sigma=1.0, until_step=u)
+           for w, a, u in itertools.product(("all", "content", "shapes"), (0.1, 0.25, 0.5, 1.0), (4, None))]
     if quick:
-        cbs, nms = [cbs[1], cbs[6]], [nms[0], nms[5]]
+        cbs, nms = [cbs[3], cbs[12]], [nms[1], nms[14]]
     return cbs, nms
 
 
@@ -161,7 +185,12 @@ def label(cfg: dict) -> str:
     for name in ("cbs", "nms"):
         if cfg.get(name):
             c = cfg[name]
-            parts.append(f"{name}({c['words']}, a={c['alpha']})")
+            extra = ""
+            if name == "cbs" and c.get("gamma", 2) != 2:
+                extra = f", g={c['gamma']}"
+            if name == "nms" and c.get("until_step") is not None:
+                extra = f", until={c['until_step']}"
+            parts.append(f"{name}({c['words']}, a={c['alpha']}{extra})")
     return " + ".join(parts) or "plain"
 
 
@@ -252,6 +281,11 @@ def main() -> None:
                        for p in multi]
     print()
     print(table(per_prompt_rows, "all_correct% per multi-object prompt (held-out)"))
+    object_rows = [{"prompt": p, "object": o, "config": k, **{x: round(100 * v, 1) for x, v in r.items()}}
+                   for p in multi for k in ("plain", best_name) for o, r in multi_res[k][p]["objects"].items()]
+    print()
+    print(table(object_rows, "each named object (held-out): right colour / another named object's colour / "
+                             "an unnamed colour / its shape missing, in %"))
     b = summary[best_name]["multi"]
     target = {"best": best_name, "all_correct_gain_points": round(100 * (b["all_correct"] - plain_m["all_correct"]), 1),
               "leakage_ratio": (b["leakage"] / plain_m["leakage"]) if plain_m["leakage"] > 0 else None,
