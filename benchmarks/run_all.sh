@@ -27,5 +27,6 @@ lane_b() {
   run audit benchmarks/audit.py --images 200 --diffusion-images 50 --render-images 1000 --render-diffusion-images 200 --speedup
   run pid benchmarks/pid.py --source rendered --images 60 --synonym-images 32 --bias-images 16 --samples 50
   run pid_generated benchmarks/pid.py --source generated --images 50 --synonym-images 16 --bias-images 8 --samples 50 --name pid_generated
+  run pid_bands benchmarks/pid.py --bands --source rendered --images 30 --samples 50
 }
 lane_a & lane_b & wait
