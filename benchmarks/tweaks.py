@@ -16,8 +16,13 @@ The parameters are tuned on a *tuning* split of seeds (10000 + i) by mean all_co
 multi-object prompts (ties: lower leakage); the final table uses *held-out* seeds (0 .. N-1), for
 the published defaults and the tuned settings.
 
-Cost of the full run: about 21k images (tuning 5 prompts x 15 settings x 100 seeds, held-out 9 prompts x
-7 settings x 200 seeds); ~0.6 s per image on one busy CPU thread, minutes on a GPU.
+Each held-out multi-object prompt also gets a per-object table: how often each named object appears
+in its own colour, in another named object's colour, only in an unnamed colour, or not at all.
+
+Cost of the README run (``--held-out tuned --multi 3 --tune-samples 40 --samples 200``): about 10.6k
+images (tuning 3 prompts x 41 settings x 40 seeds + the combined best; held-out 7 prompts x 4
+settings x 200 seeds), 48 min on 2 CPU threads shared with another benchmark for the tuning part
+(0.05 s per image when idle), minutes on a GPU.
 
     python benchmarks/tweaks.py --quick                        # a smoke run (small sizes)
     python benchmarks/tweaks.py                                # the full table (README numbers)
