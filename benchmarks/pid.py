@@ -78,6 +78,13 @@ def share_inside(m: torch.Tensor, frac: torch.Tensor) -> float:
     return (pos * frac).sum().item() / total if total > 0 else math.nan
 
 
+def word_shares(res, j: int, mask: np.ndarray, f: int) -> dict[str, float]:
+    """Shares of word j's (0 or 1) U and CMI maps of a PIDResult inside its object's (H, W) mask."""
+    frac = pooled_mask(mask, f)
+    return {"share_U": share_inside(res.map(f"U{j + 1}"), frac),
+            "share_CMI": share_inside(res.map(f"I{j + 1}"), frac)}
+
+
 def iou(pred: np.ndarray, mask: np.ndarray) -> float:
     union = (pred | mask).sum()
     return float((pred & mask).sum() / union) if union else 0.0
@@ -155,11 +162,10 @@ def localisation(xp, n: int, samples: int, source: str) -> tuple[list[dict], dic
         seconds.append(res.seconds)
         for j, (w, mask) in enumerate(zip(words, masks)):
             frac = pooled_mask(mask, f)
-            cmi, uniq = res.map(f"I{j + 1}"), res.map(f"U{j + 1}")
             row = {"prompt": prompt, "word": w, "kind": "colour" if k % 2 == 0 else "shape",
-                   "share_U": share_inside(uniq, frac), "share_CMI": share_inside(cmi, frac),
-                   "mask_area": float(mask.mean()), "mask_shaped_share": share_inside(frac, frac),
-                   "iou_CMI": ious_over_thresholds(upsample(cmi, mask.shape), mask)}
+                   **word_shares(res, j, mask, f), "mask_area": float(mask.mean()),
+                   "mask_shaped_share": share_inside(frac, frac),
+                   "iou_CMI": ious_over_thresholds(upsample(res.map(f"I{j + 1}"), mask.shape), mask)}
             if hm is not None:
                 row["iou_DAAM"] = ious_over_thresholds(upsample(hm.word_map(w), mask.shape), mask)
             per_word.append(row)
@@ -206,12 +212,9 @@ def bands(xp, n: int, samples: int, source: str, removals=("string", "embedding"
                           removal=removal, progress=False, **kw)
                 width = 2 * res.scale * res.clip  # logSNR range the estimate integrates over
                 for j, (w, mask) in enumerate(zip(words, masks)):
-                    frac = pooled_mask(mask, f)
-                    cmi = res.map(f"I{j + 1}")
                     per_word.append({"kind": "colour" if k % 2 == 0 else "shape", "word": w, "prompt": prompt,
-                                     "share_U": share_inside(res.map(f"U{j + 1}"), frac),
-                                     "share_CMI": share_inside(cmi, frac),
-                                     "cmi_per_logsnr": float(cmi.sum()) / width})
+                                     **word_shares(res, j, mask, f),
+                                     "cmi_per_logsnr": float(res.map(f"I{j + 1}").sum()) / width})
             for kind in ("colour", "shape"):
                 sel = [r for r in per_word if r["kind"] == kind]
                 row = {"removal": removal, "logsnr": label if centre is None else f"{centre - 3 * BAND_SCALE:+.2f}.."

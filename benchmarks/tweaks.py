@@ -90,7 +90,7 @@ def object_outcomes(det: list[tuple[str, str]], named: list[tuple[str, str]]) ->
     return out
 
 
-def score(image: np.ndarray, named: list[tuple[str, str]]) -> dict[str, bool]:
+def score(image: np.ndarray, named: list[tuple[str, str]]) -> dict:
     """Oracle verdicts of one (H, W, 3) uint8 image against the named (shape, colour) objects
     (plus ``"objects"``: :func:`object_outcomes` of every named object)."""
     det = [(o.shape, o.color) for o in oracle(image)]

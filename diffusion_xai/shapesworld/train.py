@@ -628,8 +628,8 @@ def main(argv=None) -> None:
                    help="recipe (default): the shipped model's whole recipe (RECIPE: the base model, three grounded "
                         "fine-tunes, the decoder; about 2 h on 2 CPU threads); all: VAE, latents, UNet, export "
                         "(a base model, with the --vae-steps, --num-latents and --unet-steps given); decoder: "
-                        "sharpen the VAE decoder (encoder frozen, so it can run beside the UNet stage); export: assemble the latest checkpoints; "
-                        "finetune: continue training the model in --init on more multi-object scenes")
+                        "sharpen the VAE decoder (encoder frozen, so it can run beside the UNet stage); export: "
+                        "assemble the latest checkpoints; finetune: continue training the model in --init on more multi-object scenes")
     p.add_argument("--decoder-steps", type=int, default=1500)
     p.add_argument("--init", type=Path, default=PACKAGE_MODEL_DIR, help="finetune: the pipeline to start from")
     p.add_argument("--finetune-steps", type=int, default=FINETUNE["steps"],
